@@ -1,0 +1,214 @@
+"""The Llama-style decoder of DeepSeek-LLM: RMSNorm, rotary positions, SDPA attention, SwiGLU MLP.
+
+Module names follow transformers' `LlamaForCausalLM` (`model.embed_tokens`, `model.layers.i.self_attn.q_proj`, ...,
+`lm_head`), which is how the official Janus checkpoints store the language model. Numerics follow it too
+(RMSNorm in float32, rotate-half RoPE with cos/sin computed in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for integer positions (B, T) -> two tensors (B, 1, T, head_dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (layers, B, n_kv_heads, max_len, head_dim).
+
+    Passed explicitly to the decoder; `length` is the number of positions already written. The decoder
+    writes the new positions and advances `length` after its last layer.
+    """
+
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) at the current position; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep (and repeat) batch rows by index, e.g. to expand one prompt into n samples."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_head * self.hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.hd, d, bias=bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v)  # (B, n_kv, S, hd)
+        if self.n_kv != self.n_head:
+            rep = self.n_head // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            # Plain causal attention over everything so far: with a cache, the T new queries sit at the end.
+            causal = T > 1
+            if causal and k.shape[2] != T:
+                mask = causal_mask(T, k.shape[2], x.device)
+                causal = False
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)  # (B, T, n_head * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def causal_mask(t_new: int, t_total: int, device=None) -> torch.Tensor:
+    """Bool mask (t_new, t_total): query i (at absolute position t_total - t_new + i) sees keys <= itself."""
+    q = torch.arange(t_total - t_new, t_total, device=device)[:, None]
+    return torch.arange(t_total, device=device)[None, :] <= q
+
+
+def padded_mask(attention_mask: torch.Tensor, t_new: int) -> torch.Tensor:
+    """Causal mask with key padding, for left-padded batches.
+
+    attention_mask: (B, S) with 1 for real tokens, covering cached and new positions; returns (B, 1, t_new, S).
+    A padding query is allowed to see itself so that no softmax row is empty (its output is never used).
+    """
+    S = attention_mask.shape[1]
+    m = causal_mask(t_new, S, attention_mask.device)[None] & attention_mask.bool()[:, None, :]  # (B, t_new, S)
+    diag = torch.arange(S - t_new, S, device=attention_mask.device)
+    m[:, torch.arange(t_new), diag] = True
+    return m[:, None]
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Causal mask that keeps packed samples apart: doc_ids (B, T) -> (B, 1, T, T)."""
+    T = doc_ids.shape[1]
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    return (same & causal_mask(T, T, doc_ids.device)[None])[:, None]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions for a left-padded batch (B, S): real tokens count from 0, padding gets 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class LlamaDecoder(nn.Module):
+    """Token embedding table plus the transformer stack: embeddings in, final-normed hidden states out."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """embeds (B, T, D) -> hidden (B, T, D).
+
+        positions: (B, T) RoPE positions, default `cache.length + arange(T)`.
+        mask: bool attention mask (B, 1, T, S), True = attend, S = cached + new positions; default causal.
+        cache: written at `cache.length` and advanced by T.
+        """
+        B, T, _ = embeds.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=embeds.device)[None].expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        x = embeds
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+
+class LlamaLM(nn.Module):
+    """Decoder plus text head, named as transformers' LlamaForCausalLM (`model.*`, `lm_head`)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaDecoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
