@@ -78,13 +78,21 @@ class JanusModel(nn.Module):
         image_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        gen_codes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) -> embeddings (B, T, D) with image features written where `image_mask` is True.
+        """Token ids (B, T) -> embeddings (B, T, D) with image inputs written in.
 
         The positions of `image_mask` are filled, in row-major order, by the features of the images in
         `pixel_values` (N, 3, S, S), N * num_image_tokens positions in all (or by precomputed `image_features`).
+        `gen_codes` (B, T) holds VQ codes (-1 elsewhere) whose generation embeddings replace the token ones,
+        as when training on images that the model learns to generate.
         """
         embeds = self.decoder.embed_tokens(input_ids)
+        if gen_codes is not None:
+            is_code = gen_codes >= 0
+            if bool(is_code.any()):
+                code_embeds = self.embed_image_codes(gen_codes[is_code]).to(embeds.dtype)  # (n_codes, D)
+                embeds = embeds.masked_scatter(is_code[..., None], code_embeds)
         if image_mask is None or not bool(image_mask.any()):
             return embeds
         if image_features is None:
