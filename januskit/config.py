@@ -107,6 +107,8 @@ class VQConfig:
 
     def __post_init__(self):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        if self.ch % 32:
+            raise ConfigError(f"vq ch={self.ch} must be a multiple of 32 (GroupNorm with 32 groups, as in VQ-16)")
         if self.image_size % self.downsample:
             raise ConfigError(f"vq image_size {self.image_size} is not a multiple of the downsample factor {self.downsample}")
 
@@ -437,8 +439,8 @@ def _tiny(name: str = "tiny", image_size: int = 64) -> JanusConfig:
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
         vision=SigLIPConfig(model_name="siglip_tiny_test", image_size=image_size, patch_size=16, width=32,
                             layers=2, heads=2, mlp_ratio=2.0),
-        vq=VQConfig(model_name="VQ-16-tiny-test", codebook_size=64, codebook_embed_dim=8, ch=16,
-                    ch_mult=(1, 2, 2, 4, 4), z_channels=32, num_res_blocks=1, image_size=image_size),
+        vq=VQConfig(model_name="VQ-16-tiny-test", codebook_size=64, codebook_embed_dim=8, ch=32,
+                    ch_mult=(1, 1, 2, 2, 2), z_channels=32, num_res_blocks=1, image_size=image_size),
         name=name,
     )
 

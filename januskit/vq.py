@@ -20,8 +20,7 @@ from .config import VQConfig
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32 if channels % 32 == 0 else math.gcd(32, channels), num_channels=channels,
-                        eps=1e-6, affine=True)
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 def _swish(x):
