@@ -139,7 +139,9 @@ class JanusProcessor:
 
     # ------------------------------------------------------------------------------------------ files
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, num_image_tokens: int | None = None) -> "JanusProcessor":
+    def from_pretrained(cls, directory: str | os.PathLike, num_image_tokens: int | None = None,
+                        image_size: int | None = None) -> "JanusProcessor":
+        """Read the five processor files; `num_image_tokens` / `image_size` override what they say."""
         d = Path(directory)
         tok_path = d / "tokenizer.json"
         if not tok_path.exists():
@@ -160,7 +162,7 @@ class JanusProcessor:
         return cls(
             tokenizer,
             num_image_tokens=num_image_tokens or pcfg.get("num_image_tokens", 576),
-            image_size=icfg.get("image_size", 384),
+            image_size=image_size or icfg.get("image_size", 384),
             image_mean=icfg.get("image_mean", (0.5, 0.5, 0.5)),
             image_std=icfg.get("image_std", (0.5, 0.5, 0.5)),
             background_color=icfg.get("background_color", (127, 127, 127)),

@@ -58,3 +58,18 @@ def tiny_model():
 
     torch.manual_seed(0)
     return init_weights(build_on_meta(preset("tiny")), seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    """The fixture's tokenizer (vocab < 512) with the tiny preset's image geometry: 64 px, 16 image tokens."""
+    from januskit.processor import JanusProcessor
+
+    return JanusProcessor.from_pretrained(OFFICIAL_TINY, num_image_tokens=16, image_size=64)
+
+
+@pytest.fixture
+def tiny_janus(tiny_model, tiny_processor):
+    from januskit import Janus
+
+    return Janus(tiny_model, tiny_processor)
