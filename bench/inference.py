@@ -1,0 +1,312 @@
+"""Inference benchmark: januskit vs transformers' JanusForConditionalGeneration on the same random weights.
+
+Builds the real architecture (default janus-pro-1b) with seeded random weights, writes it in both layouts, and
+measures in one run, each implementation in its own subprocess (so peak memory is its own):
+  - text-to-image decoding: image tokens/s for n=1 and n=4 (CFG doubles the rows), over --steps steps;
+  - understanding: prefill time for one image plus a question, then decode tokens/s;
+  - peak resident memory;
+  - the roofline: bytes of weights (plus KV cache) read per decode step / measured memory bandwidth.
+
+    python bench/inference.py                         # bf16 and fp32 on CPU, janus-pro-1b
+    python bench/inference.py --device cuda --preset janus-pro-7b --dtypes bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def build_checkpoint(preset_name: str, out: Path, seed: int = 0) -> None:
+    """Random weights of a preset, saved in the official layout (januskit) and the transformers layout."""
+    from januskit.config import preset
+    from januskit.hf_layout import hf_config_dict, official_to_hf
+    from januskit.processor import JanusProcessor
+    from januskit.weights import build_on_meta, init_weights, save_state_dict, write_json
+
+    cfg = preset(preset_name)
+    model = init_weights(build_on_meta(cfg), dtype=torch.bfloat16, seed=seed)
+    sd = model.state_dict()
+    proc = _processor(cfg)
+    for layout in ("official", "hf"):
+        d = out / layout
+        d.mkdir(parents=True, exist_ok=True)
+        if layout == "official":
+            save_state_dict(sd, d)
+            write_json(d / "config.json", cfg.to_official_dict())
+        else:
+            save_state_dict(official_to_hf(sd), d)
+            hcfg = hf_config_dict(cfg)
+            hcfg.update(image_token_id=proc.image_id)
+            hcfg["text_config"].update(bos_token_id=proc.bos_id, eos_token_id=proc.eos_id, pad_token_id=proc.pad_id)
+            write_json(d / "config.json", hcfg)
+        proc.save_pretrained(d)
+
+
+def _processor(cfg):
+    """A byte-level BPE tokenizer with the Janus special tokens, sized to the preset's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from januskit.processor import JANUS_SPECIAL_TOKENS, JanusProcessor
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=JANUS_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["What is in the image? A red circle above a blue square."] * 10, trainer)
+    bos = tok.token_to_id(JANUS_SPECIAL_TOKENS[0])
+    tok.post_processor = processors.TemplateProcessing(single=f"{JANUS_SPECIAL_TOKENS[0]} $A",
+                                                       special_tokens=[(JANUS_SPECIAL_TOKENS[0], bos)])
+    return JanusProcessor(tok, num_image_tokens=cfg.num_image_tokens, image_size=cfg.vision.image_size)
+
+
+def memory_bandwidth(device: str, gib: float = 1.0, reps: int = 5) -> float:
+    """Copy bandwidth in bytes/s (bytes read + bytes written)."""
+    n = int(gib * 2**30) // 4
+    a = torch.ones(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n * 4 / best
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def decode_bytes_per_step(cfg, dtype, rows: int, context: int) -> int:
+    """Bytes an image decode step must read: decoder layers, final norm, image head, code embedding + adaptor,
+    and the KV cache of every row at the given context length."""
+    from januskit.weights import build_on_meta
+
+    m = build_on_meta(cfg)
+    el = torch.tensor([], dtype=dtype).element_size()
+    parts = [m.language_model.model.layers, m.language_model.model.norm, m.gen_head, m.gen_aligner]
+    n = sum(p.numel() for part in parts for p in part.parameters())
+    l = cfg.llm
+    kv = 2 * l.num_hidden_layers * l.num_key_value_heads * l.head_dim * context * rows
+    return (n + kv) * el
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def _timeit(fn, device):
+    _sync(device)
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t, out
+
+
+def worker_januskit(args) -> dict:
+    from januskit import Janus
+    from januskit.generate import generate_image_tokens, generate_text
+
+    janus = Janus.from_pretrained(Path(args.ckpt) / "official", device=args.device, dtype=args.dtype)
+    if args.int8:
+        from januskit.quant import quantize_int8
+
+        quantize_int8(janus.model)
+    p, m = janus.processor, janus.model
+    res = {}
+    for n in (1, 4):
+        cond, uncond = p.generation_ids("a red circle above a blue square")
+
+        def run(steps):
+            return generate_image_tokens(m, [cond], [uncond], p.pad_id, n=n, temperature=1.0,
+                                         generator=torch.Generator(device=args.device).manual_seed(0), num_tokens=steps)
+
+        run(2)  # warm-up
+        t1, _ = _timeit(lambda: run(1), args.device)
+        tn, _ = _timeit(lambda: run(args.steps + 1), args.device)
+        res[f"image_step_ms_n{n}"] = (tn - t1) / args.steps * 1e3
+        res[f"image_tok_s_n{n}"] = n * args.steps / (tn - t1)
+    conv = [{"role": "user", "content": "<image_placeholder>\nWhat is in the image?", "images": [_image()]},
+            {"role": "assistant", "content": ""}]
+    enc = p.encode_conversation(conv)
+    batch = p.batch([enc]).to(args.device, dtype=janus.dtype)
+
+    def prefill_and_decode(k):
+        with torch.inference_mode():
+            embeds = m.embed(batch.input_ids, batch.image_mask, batch.pixel_values)
+            steps = generate_text(m, embeds, batch.attention_mask, eos_id=-1, max_new_tokens=k)
+            return sum(1 for _ in steps)
+
+    prefill_and_decode(1)
+    t1, _ = _timeit(lambda: prefill_and_decode(1), args.device)
+    tk, _ = _timeit(lambda: prefill_and_decode(args.text_steps + 1), args.device)
+    res.update(prefill_ms=t1 * 1e3, text_tok_s=args.text_steps / (tk - t1), prompt_tokens=len(enc.input_ids))
+    return res
+
+
+def worker_transformers(args) -> dict:
+    from transformers import GenerationConfig, JanusForConditionalGeneration
+
+    from januskit.processor import JanusProcessor
+
+    d = Path(args.ckpt) / "hf"
+    hf = JanusForConditionalGeneration.from_pretrained(d, dtype=args.dtype).to(args.device).eval()
+    p = JanusProcessor.from_pretrained(d)
+    res = {}
+    for n in (1, 4):
+        cond, _ = p.generation_ids("a red circle above a blue square")
+        ids = cond[None].to(args.device)
+
+        def run(steps):
+            hf.model.vision_model.config.num_image_tokens = steps  # limit the 576-step loop for the benchmark
+            gc = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, guidance_scale=5.0, num_return_sequences=n,
+                                  bos_token_id=p.bos_id, pad_token_id=p.pad_id, eos_token_id=p.eos_id,
+                                  generation_kwargs={"boi_token_id": p.boi_id}, max_new_tokens=steps)
+            with torch.inference_mode():
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                   generation_config=gc)
+
+        run(2)
+        t1, _ = _timeit(lambda: run(1), args.device)
+        tn, _ = _timeit(lambda: run(args.steps + 1), args.device)
+        res[f"image_step_ms_n{n}"] = (tn - t1) / args.steps * 1e3
+        res[f"image_tok_s_n{n}"] = n * args.steps / (tn - t1)
+    conv = [{"role": "user", "content": "<image_placeholder>\nWhat is in the image?", "images": [_image()]},
+            {"role": "assistant", "content": ""}]
+    enc = p.encode_conversation(conv)
+    ids = enc.input_ids[None].to(args.device)
+    pv = enc.images.to(args.device, dtype=args.dtype)
+
+    def gen(k):
+        gc = GenerationConfig(do_sample=False, max_new_tokens=k, min_new_tokens=k, pad_token_id=p.pad_id,
+                              eos_token_id=p.eos_id, bos_token_id=p.bos_id)
+        with torch.inference_mode():
+            return hf.generate(input_ids=ids, pixel_values=pv, attention_mask=torch.ones_like(ids),
+                               generation_config=gc)
+
+    gen(1)
+    t1, _ = _timeit(lambda: gen(1), args.device)
+    tk, _ = _timeit(lambda: gen(args.text_steps + 1), args.device)
+    res.update(prefill_ms=t1 * 1e3, text_tok_s=args.text_steps / (tk - t1), prompt_tokens=ids.shape[1])
+    return res
+
+
+def _image():
+    from PIL import Image
+
+    return Image.new("RGB", (384, 384), (200, 40, 40))
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run_worker(impl: str, dtype: str, args, int8: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--ckpt", str(args.ckpt), "--dtype", dtype,
+           "--device", args.device, "--steps", str(args.steps), "--text-steps", str(args.text_steps),
+           "--threads", str(args.threads)] + (["--int8"] if int8 else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="janus-pro-1b")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=64, help="image decode steps measured (of 576)")
+    ap.add_argument("--text-steps", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--ckpt", default=None, help="where to write the random checkpoint (default: a temp dir)")
+    ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+    ap.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.worker:
+        args.dtype = DTYPES[args.dtype]
+        torch.manual_seed(0)
+        res = (worker_januskit if args.worker == "januskit" else worker_transformers)(args)
+        res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        if args.device.startswith("cuda"):
+            res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(json.dumps(res))
+        return
+
+    from januskit.config import preset
+
+    tmp = None
+    if args.ckpt is None:
+        tmp = tempfile.TemporaryDirectory(prefix="januskit-bench-")
+        args.ckpt = tmp.name
+    ckpt = Path(args.ckpt)
+    if not (ckpt / "hf" / "config.json").exists():
+        print(f"writing random {args.preset} weights to {ckpt} ...", flush=True)
+        build_checkpoint(args.preset, ckpt)
+    cfg = preset(args.preset)
+    bw = memory_bandwidth(args.device)
+    print(f"\n{args.preset} on {args.device}, {args.threads} threads, measured copy bandwidth {bw / 1e9:.1f} GB/s, "
+          f"{args.steps} image steps, {args.text_steps} text steps\n")
+    rows = []
+    for dtype in args.dtypes.split(","):
+        runs = {"januskit": run_worker("januskit", dtype, args), "transformers": run_worker("transformers", dtype, args)}
+        if not args.no_int8 and dtype == "bfloat16":
+            runs["januskit-int8"] = run_worker("januskit", dtype, args, int8=True)
+        el_dtype = DTYPES[dtype]
+        ctx = 20 + args.steps // 2
+        for name, r in runs.items():
+            if "error" in r:
+                print(f"{name} {dtype}: FAILED: {r['error']}")
+                continue
+            row = {"impl": name, "dtype": dtype, **r}
+            for n in (1, 4):
+                bytes_step = decode_bytes_per_step(cfg, torch.int8 if name.endswith("int8") else el_dtype, 2 * n, ctx)
+                row[f"roofline_n{n}"] = (bytes_step / bw) / (r[f"image_step_ms_n{n}"] / 1e3)
+            tb = decode_bytes_per_step(cfg, el_dtype, 1, r["prompt_tokens"])
+            row["text_roofline"] = (tb / bw) * r["text_tok_s"]
+            rows.append(row)
+    _print_table(rows)
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def _print_table(rows):
+    cols = [("impl", "{}"), ("dtype", "{}"), ("image_step_ms_n1", "{:.1f}"), ("image_tok_s_n1", "{:.2f}"),
+            ("roofline_n1", "{:.0%}"), ("image_step_ms_n4", "{:.1f}"), ("image_tok_s_n4", "{:.2f}"),
+            ("roofline_n4", "{:.0%}"), ("prefill_ms", "{:.0f}"), ("text_tok_s", "{:.2f}"), ("text_roofline", "{:.0%}"),
+            ("peak_rss_gib", "{:.2f}")]
+    print("| " + " | ".join(c for c, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f.format(r[c]) if c in r else "-" for c, f in cols) + " |")
+    print("\nratios januskit / transformers (same dtype, same run):")
+    by = {(r["impl"], r["dtype"]): r for r in rows}
+    for (impl, dtype), r in by.items():
+        peer = by.get(("transformers", dtype))
+        if impl == "transformers" or peer is None:
+            continue
+        print(f"  {impl} {dtype}: image tok/s n=1 x{r['image_tok_s_n1'] / peer['image_tok_s_n1']:.2f}, "
+              f"n=4 x{r['image_tok_s_n4'] / peer['image_tok_s_n4']:.2f}, "
+              f"prefill x{peer['prefill_ms'] / r['prefill_ms']:.2f} (speed-up), "
+              f"text decode x{r['text_tok_s'] / peer['text_tok_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
