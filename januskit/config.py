@@ -445,8 +445,22 @@ def _tiny(name: str = "tiny", image_size: int = 64) -> JanusConfig:
     )
 
 
+def _shapes(vocab_size: int = 1024) -> JanusConfig:
+    """The bundled model: 64x64 images, 64 understanding features (8-px patches), 64 VQ codes (downsample 8)."""
+    return JanusConfig(
+        llm=LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
+                        num_attention_heads=4, max_position_embeddings=512),
+        vision=SigLIPConfig(model_name="siglip_shapes", image_size=64, patch_size=8, width=128, layers=4, heads=4,
+                            mlp_ratio=4.0),
+        vq=VQConfig(model_name="VQ-8-shapes", codebook_size=512, codebook_embed_dim=8, ch=32, ch_mult=(1, 2, 2, 4),
+                    z_channels=64, num_res_blocks=1, image_size=64),
+        name="januskit-shapes",
+    )
+
+
 PRESETS: dict[str, Callable[[], JanusConfig]] = {
     "tiny": _tiny,
+    "januskit-shapes": _shapes,
     "janus-1.3b": lambda: _janus("janus-1.3b", 2048, 5632, 24, 16),
     "janus-pro-1b": lambda: _janus("janus-pro-1b", 2048, 5632, 24, 16),
     "janus-pro-7b": lambda: _janus("janus-pro-7b", 4096, 11008, 30, 32),
