@@ -291,6 +291,13 @@ class Janus:
             out += to_pil(vq.decode_codes(chunk.to(self.device), grid=self.config.vq.grid).float())
         return out
 
+    def quantize_int8(self) -> "Janus":
+        """Switch the per-token decode weights (decoder blocks, image head) to int8 weight-only."""
+        from .quant import quantize_int8
+
+        quantize_int8(self.model)
+        return self
+
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in mod.parameters()) for name, mod in self.model.named_children()}
 

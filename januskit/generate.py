@@ -73,8 +73,8 @@ def generate_image_tokens(
     """
     P = len(cond_ids)
     num_tokens = num_tokens or model.config.image_tokens_per_image
-    device = model.gen_head.vision_head.weight.device
-    dtype = model.gen_head.vision_head.weight.dtype
+    table = model.decoder.embed_tokens.weight  # never quantized: its device and dtype are the model's
+    device, dtype = table.device, table.dtype
     ids, attn = left_pad(list(cond_ids) + list(uncond_ids), pad_id)  # (2P, T)
     ids, attn = ids.to(device), attn.to(device)
     masks = _Masks(attn, num_tokens)
