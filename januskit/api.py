@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,29 +102,58 @@ class ImageResult:
 class Janus:
     """A loaded model with its processor; all inference goes through here."""
 
-    def __init__(self, model: JanusModel, processor: JanusProcessor, device="cpu", dtype=torch.float32):
+    # Parts that run once per image, not once per token: kept on the CPU in low-memory mode.
+    OFFLOADABLE = ("vision_model", "aligner", "gen_vision_model")
+
+    def __init__(self, model: JanusModel, processor: JanusProcessor, device="cpu", dtype=torch.float32,
+                 low_memory: bool = False):
         self.model = model.eval()
         self.processor = processor
         self.config: JanusConfig = model.config
         self.device = torch.device(device)
         self.dtype = dtype
+        self.low_memory = low_memory
+
+    @contextlib.contextmanager
+    def _resident(self, *names: str):
+        """In low-memory mode, bring offloaded submodules onto the device for the duration of a call."""
+        if not self.low_memory or self.device.type == "cpu":
+            yield
+            return
+        mods = [getattr(self.model, n) for n in names]
+        for m in mods:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------------------------------ files
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None = None, device="cpu", dtype=torch.float32) -> "Janus":
-        """Load a checkpoint directory (official or transformers layout), a hub id, or the bundled model."""
+    def from_pretrained(cls, path: str | os.PathLike | None = None, device="cpu", dtype=torch.float32,
+                        low_memory: bool = False) -> "Janus":
+        """Load a checkpoint directory (official or transformers layout), a hub id, or the bundled model.
+
+        `low_memory=True` keeps the understanding encoder and the VQ tokenizer on the CPU and moves each onto
+        the device only while it runs, so the device holds little more than the language model.
+        """
         directory = resolve_model_path(path)
         device, dtype = resolve_device(device), resolve_dtype(dtype)
+        offloaded = tuple(f"{n}." for n in cls.OFFLOADABLE)
+        place = (lambda name: "cpu" if name.startswith(offloaded) else device) if low_memory else device
         try:
             config = JanusConfig.from_file(directory / "config.json")
             model = weights.build_on_meta(config)
             sd = weights.read_state_dict(directory)
-            weights.load_into(model, sd, device=device, dtype=dtype, source=str(directory))
+            weights.load_into(model, sd, device=place, dtype=dtype, source=str(directory))
             del sd
             processor = JanusProcessor.from_pretrained(directory, num_image_tokens=config.num_image_tokens)
         except (ConfigError, weights.CheckpointError, ProcessorError) as e:
             raise JanusError(str(e)) from None
-        return cls(model, processor, device, dtype)
+        return cls(model, processor, device, dtype, low_memory=low_memory)
 
     def save_pretrained(self, directory: str | os.PathLike, layout: str = "official") -> Path:
         """Write config, weights and processor files in the official or the transformers (`hf`) layout."""
@@ -190,7 +219,7 @@ class Janus:
                     f"context length {limit}"
                 )
         batch = self.processor.batch(encoded).to(self.device, dtype=self.dtype)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._resident("vision_model", "aligner"):
             embeds = self.model.embed(batch.input_ids, batch.image_mask, batch.pixel_values)
         return embeds, batch.attention_mask
 
@@ -287,8 +316,9 @@ class Janus:
     def decode_image_tokens(self, tokens: torch.Tensor, batch_size: int = 8) -> list:
         vq = self.model.gen_vision_model
         out = []
-        for chunk in tokens.split(batch_size):
-            out += to_pil(vq.decode_codes(chunk.to(self.device), grid=self.config.vq.grid).float())
+        with self._resident("gen_vision_model"):
+            for chunk in tokens.split(batch_size):
+                out += to_pil(vq.decode_codes(chunk.to(self.device), grid=self.config.vq.grid).float())
         return out
 
     def quantize_int8(self) -> "Janus":

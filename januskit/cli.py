@@ -14,12 +14,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster, memory-bound decoding)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="keep the image encoder and VQ decoder on the CPU except while they run")
 
 
 def _load(args):
     from .api import Janus
 
-    janus = Janus.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    janus = Janus.from_pretrained(args.model, device=args.device, dtype=args.dtype, low_memory=args.low_memory)
     return janus.quantize_int8() if args.int8 else janus
 
 

@@ -104,7 +104,11 @@ def build_on_meta(config) -> nn.Module:
 
 
 def load_into(model: nn.Module, sd: dict[str, torch.Tensor], device="cpu", dtype=torch.float32, source="checkpoint"):
-    """Assign `sd` into a meta-built model with strict name and shape checks; cast floats to `dtype`."""
+    """Assign `sd` into a meta-built model with strict name and shape checks; cast floats to `dtype`.
+
+    `device` may be a function of the tensor name, to place parts of the model on different devices.
+    """
+    place = device if callable(device) else (lambda name: device)
     expected = model.state_dict()
     unexpected = sorted(k for k in sd if k not in expected)
     if unexpected:
@@ -123,14 +127,14 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], device="cpu", dtype
     converted = {}
     for name, t in sd.items():
         if t.is_floating_point():
-            t = t.to(device=device, dtype=dtype)
+            t = t.to(device=place(name), dtype=dtype)
         else:
-            t = t.to(device=device, dtype=expected[name].dtype)
+            t = t.to(device=place(name), dtype=expected[name].dtype)
         converted[name] = t
     model.load_state_dict(converted, strict=False, assign=True)
     absent = [k for k in expected if k not in sd]
-    if absent:
-        _materialise(model, absent, device, dtype)
+    for name in absent:
+        _materialise(model, [name], place(name), dtype)
     return model
 
 
