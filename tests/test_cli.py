@@ -51,3 +51,20 @@ def test_user_errors_have_no_traceback(tmp_path):
         r = run(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr and "error:" in r.stderr, (args, r.stderr)
+
+
+def test_convert_both_ways(tmp_path):
+    r = run("convert", str(OFFICIAL_TINY), str(tmp_path / "hf"), "--to", "hf")
+    assert r.returncode == 0, r.stderr
+    assert '"model_type": "janus"' in (tmp_path / "hf" / "config.json").read_text()
+    r = run("convert", str(tmp_path / "hf"), str(tmp_path / "official"), "--to", "official")
+    assert r.returncode == 0, r.stderr
+    assert '"model_type": "multi_modality"' in (tmp_path / "official" / "config.json").read_text()
+
+
+def test_interactive_chat_loop():
+    r = subprocess.run([sys.executable, "-m", "januskit.cli", "chat", "--model", str(OFFICIAL_TINY),
+                        "--max-new-tokens", "3"], input="Hello there\nAnd again?\nexit\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("janus> ") == 2
