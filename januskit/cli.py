@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions():
     """Subcommands that live with their feature (data, training, evaluation, serving)."""
     found = []
-    for module, attr in (("januskit.data.shapes", "add_cli"), ("januskit.train.cli", "add_cli"),
+    for module, attr in (("januskit.data.world", "add_cli"), ("januskit.data.codes", "add_cli"),
+                         ("januskit.train.cli", "add_cli"), ("januskit.pretrain.cli", "add_cli"),
                          ("januskit.eval.cli", "add_cli"), ("januskit.serve.cli", "add_cli")):
         try:
             mod = __import__(module, fromlist=[attr])
