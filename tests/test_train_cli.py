@@ -21,8 +21,9 @@ def test_three_stages_chain_through_their_exports(tmp_path, official_tiny_dir):
     from januskit import Janus
 
     assert train("tiny-stage1", tmp_path / "s1", official_tiny_dir) == 0
-    assert train("tiny-stage2", tmp_path / "s2", official_tiny_dir, f"model.checkpoint={tmp_path / 's1' / 'final'}") == 0
-    assert train("tiny-stage3", tmp_path / "s3", official_tiny_dir, f"model.checkpoint={tmp_path / 's2' / 'final'}") == 0
+    for stage in (2, 3):
+        previous = tmp_path / f"s{stage - 1}" / "final"
+        assert train(f"tiny-stage{stage}", tmp_path / f"s{stage}", official_tiny_dir, f"model.checkpoint={previous}") == 0
 
     s1 = Janus.from_pretrained(tmp_path / "s1" / "final")
     s3 = Janus.from_pretrained(tmp_path / "s3" / "final")

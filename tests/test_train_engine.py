@@ -6,7 +6,6 @@ Samples are built directly (the `Sample` contract), so these tests need no token
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -38,20 +38,25 @@ PARTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "siglip": ("vision_model.vision_tower.", ("vision_model.vision_tower.", "vision_tower.", "")),
     "vq": ("gen_vision_model.", ("gen_vision_model.", "")),
 }
-# Names some part checkpoints carry that Janus recomputes or never uses.
-IGNORED_PART_KEYS = ("rotary_emb.inv_freq", "head.weight", "head.bias")
+# Names some part checkpoints carry that Janus recomputes (RoPE tables) or never uses (a timm classifier head).
+IGNORED_PART_SUFFIXES = (".rotary_emb.inv_freq",)
+IGNORED_PART_NAMES = ("head.weight", "head.bias")
 
 
 # ---------------------------------------------------------------------------------------------- initial weights
+def model_config(spec: ModelRecipe) -> JanusConfig:
+    """The architecture the recipe trains (read without loading any weight)."""
+    return JanusConfig.from_file(Path(spec.checkpoint) / "config.json") if spec.checkpoint else preset(spec.preset)
+
+
 def init_model(spec: ModelRecipe) -> tuple[nn.Module, JanusConfig]:
     """The JanusModel (fp32, CPU) the recipe starts from."""
+    config = model_config(spec)
     if spec.checkpoint:
         directory = Path(spec.checkpoint)
-        config = JanusConfig.from_file(directory / "config.json")
         model = weights.load_into(weights.build_on_meta(config), weights.read_state_dict(directory),
                                   source=str(directory))
         return model, config
-    config = preset(spec.preset)
     model = weights.init_weights(weights.build_on_meta(config), seed=spec.init_seed, std=spec.init_std)
     for part in PARTS:
         path = getattr(spec, part)
@@ -93,7 +98,8 @@ def load_part(model: nn.Module, part: str, path: Path) -> None:
         picked = {k[len(src):]: v for k, v in sd.items() if k.startswith(src)}
         if picked:
             break
-    picked = {target + k: v for k, v in picked.items() if not k.endswith(IGNORED_PART_KEYS)}
+    picked = {target + k: v for k, v in picked.items()
+              if k not in IGNORED_PART_NAMES and not k.endswith(IGNORED_PART_SUFFIXES)}
     source = f"model.{part} = {path}"
     unexpected = sorted(set(picked) - set(expected))
     missing = sorted(k for k in set(expected) - set(picked) if not weights._is_optional(k))
@@ -120,7 +126,11 @@ def load_processor(spec: ModelRecipe, config: JanusConfig):
     (a processor taken from another checkpoint may be set up for another resolution)."""
     from ..processor import JanusProcessor
 
-    processor = JanusProcessor.from_pretrained(processor_dir(spec), num_image_tokens=config.num_image_tokens)
+    directory = processor_dir(spec)
+    if not (directory / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer in {directory}: set model.processor to a directory with the tokenizer "
+                                "and processor files (a released Janus checkpoint, for instance)")
+    processor = JanusProcessor.from_pretrained(directory, num_image_tokens=config.num_image_tokens)
     processor.image_size = config.vision.image_size
     return processor
 
@@ -154,7 +164,8 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [d for d in root.iterdir() if d.is_dir() and STEP_DIR.fullmatch(d.name) and (d / "train_state.json").exists()]
+    found = [d for d in root.iterdir()
+             if d.is_dir() and STEP_DIR.fullmatch(d.name) and (d / "train_state.json").exists()]
     return sorted(found, key=lambda d: int(STEP_DIR.fullmatch(d.name).group(1)))
 
 

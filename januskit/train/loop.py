@@ -123,9 +123,10 @@ def setup(recipe: Recipe, env: DistEnv, data=None, processor=None) -> Run:
     """Everything a run needs; `data` (and `processor`) may be given to run the engine on other samples."""
     random.seed(recipe.train.seed + env.rank)
     torch.manual_seed(recipe.train.seed + env.rank)
+    if data is None:  # the tokenizer is checked before a large model is loaded
+        processor = processor or checkpoint.load_processor(recipe.model, checkpoint.model_config(recipe.model))
     model, config = checkpoint.init_model(recipe.model)
     if data is None:
-        processor = processor or checkpoint.load_processor(recipe.model, config)
         data = build_data(recipe, processor, config, model.gen_vision_model, env)
     forward, optimizer = prepare_model(model, recipe, env)
     pad_id = processor.pad_id if processor is not None else 0
@@ -156,16 +157,16 @@ def train_step(run: Run, step: int) -> StepStats:
     # DDP and FSDP average gradients over ranks; scaling by world / global count makes that a global token mean.
     scale = env.world_size / max(loss_tokens, 1)
 
-    group_loss = torch.zeros(len(GROUPS), dtype=torch.float64)
-    group_tokens = torch.zeros(len(GROUPS), dtype=torch.float64)
+    group_loss = torch.zeros(len(GROUPS), dtype=torch.float64, device=env.device)
+    group_tokens = torch.zeros(len(GROUPS), dtype=torch.float64, device=env.device)
     for i in range(n_micro):
         batch = (micro[i] if i < len(micro) else filler).to(env.device)
         with parallel.accumulation(run.forward, sync=i == n_micro - 1):
             with parallel.autocast(env, t.dtype, t.precision):
                 out = loss_sums(run.forward, batch)
             (out.loss * scale).backward()
-        group_loss += out.group_loss.double().cpu()
-        group_tokens += out.group_tokens.double().cpu()
+        group_loss += out.group_loss.double()
+        group_tokens += out.group_tokens.double()
 
     params = [p for p in run.forward.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.recipe.optim.clip)
@@ -295,7 +296,9 @@ def train(recipe: Recipe, resume: str | None = None, data=None, processor=None) 
     run = None
     try:
         run = setup(recipe, env, data, processor)
-        return run_training(run, resume)
+        history = run_training(run, resume)
+        env.barrier()
+        return history
     finally:
         if run is not None:
             run.feedback.close()

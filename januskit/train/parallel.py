@@ -88,12 +88,13 @@ def init_distributed(strategy: str, device: str = "auto") -> DistEnv:
 
 
 def shutdown(env: DistEnv) -> None:
+    """Leave the process group (no barrier: after an error on one rank the others may never reach it)."""
     if env.distributed:
-        dist.barrier()
         dist.destroy_process_group()
 
 
-def parallelize(forward: nn.Module, env: DistEnv, dtype: str, precision: str, activation_checkpointing: bool) -> nn.Module:
+def parallelize(forward: nn.Module, env: DistEnv, dtype: str, precision: str,
+                activation_checkpointing: bool) -> nn.Module:
     """Apply activation checkpointing and the recipe's strategy to a TrainForward holding a JanusModel."""
     model = forward.model
     if activation_checkpointing:

@@ -37,7 +37,8 @@ STAGES: dict[int, StagePlan] = {
 }
 
 
-def stage_plan(stage: int, trainable: list[str] | tuple[str, ...] = (), frozen: list[str] | tuple[str, ...] = ()) -> StagePlan:
+def stage_plan(stage: int, trainable: list[str] | tuple[str, ...] = (),
+               frozen: list[str] | tuple[str, ...] = ()) -> StagePlan:
     """The plan of `stage`; non-empty `trainable` replaces its trainable patterns, `frozen` adds to its frozen ones."""
     try:
         base = STAGES[stage]
