@@ -1,0 +1,391 @@
+"""A procedural world of flat shapes, and every data kind the Janus recipe needs, built from it.
+
+Scenes hold 1-4 shapes (circle, square, triangle) in six colours and two sizes on a white background, with exact
+ground truth. From scenes come captions (several sentences, so the first-sentence rule matters), class names
+(the ImageNet analogue), GenEval-style prompts with a checkable spec, caption QA, visual QA, interleaved
+documents, text-only documents and chat conversations, written as the JSONL manifests of docs/data.md.
+Held-out colour-shape pairs never appear in training data; the evaluation sets test them separately.
+Everything is deterministic per seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
+    "yellow": (235, 205, 20), "purple": (140, 40, 180), "orange": (245, 135, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 13, "large": 23}  # extent in pixels at 64 px
+BACKGROUND = (255, 255, 255)
+HELD_OUT: tuple[tuple[str, str], ...] = (("purple", "triangle"),)
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+RELATIONS = ("above", "below", "to the left of", "to the right of")
+REF = 64  # coordinates are stored at this resolution and scaled when rendering
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    size: str
+    x: float  # centre, in REF pixels
+    y: float
+
+    @property
+    def extent(self) -> int:
+        return SIZES[self.size]
+
+    def bbox(self) -> tuple[float, float, float, float]:
+        h = self.extent / 2
+        return (self.x - h, self.y - h, self.x + h, self.y + h)
+
+    def name(self, with_size=False) -> str:
+        return f"{self.size + ' ' if with_size else ''}{self.color} {self.shape}"
+
+
+@dataclass
+class Scene:
+    objects: list[Obj] = field(default_factory=list)
+
+    def render(self, size: int = 64) -> Image.Image:
+        img = Image.new("RGB", (size, size), BACKGROUND)
+        d = ImageDraw.Draw(img)
+        s = size / REF
+        for o in self.objects:
+            x0, y0, x1, y1 = (v * s for v in o.bbox())
+            c = COLORS[o.color]
+            if o.shape == "circle":
+                d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=c)
+            elif o.shape == "square":
+                d.rectangle((x0, y0, x1 - 1, y1 - 1), fill=c)
+            else:
+                d.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=c)
+        return img
+
+    def to_dict(self) -> dict:
+        return {"objects": [asdict(o) for o in self.objects]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scene":
+        return cls([Obj(**o) for o in d["objects"]])
+
+    def combos(self) -> set[tuple[str, str]]:
+        return {(o.color, o.shape) for o in self.objects}
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def _place(rng: random.Random, scene: Scene, obj: Obj, region=None, tries: int = 200) -> bool:
+    """Put obj at a random free spot (optionally inside region = (x0, y0, x1, y1) for its centre)."""
+    h = obj.extent / 2 + 1
+    x0, y0, x1, y1 = region or (h, h, REF - h, REF - h)
+    x0, y0, x1, y1 = max(x0, h), max(y0, h), min(x1, REF - h), min(y1, REF - h)
+    if x0 > x1 or y0 > y1:
+        return False
+    for _ in range(tries):
+        obj.x, obj.y = round(rng.uniform(x0, x1)), round(rng.uniform(y0, y1))
+        if all(_apart(obj, o) for o in scene.objects):
+            scene.objects.append(obj)
+            return True
+    return False
+
+
+def _apart(a: Obj, b: Obj, gap: float = 3) -> bool:
+    ax0, ay0, ax1, ay1 = a.bbox()
+    bx0, by0, bx1, by1 = b.bbox()
+    return ax1 + gap <= bx0 or bx1 + gap <= ax0 or ay1 + gap <= by0 or by1 + gap <= ay0
+
+
+def _attrs(rng, held_out, allow_held_out=False, shape=None, color=None):
+    for _ in range(100):
+        s, c = shape or rng.choice(SHAPES), color or rng.choice(list(COLORS))
+        if allow_held_out or (c, s) not in held_out:
+            return s, c
+    raise ValueError(f"no allowed colour/shape for shape={shape} color={color}")
+
+
+def random_scene(rng: random.Random, held_out=HELD_OUT, allow_held_out=False, n: int | None = None) -> Scene:
+    while True:
+        scene = Scene()
+        k = n or rng.choice((1, 1, 2, 2, 3, 4))
+        for _ in range(k):
+            s, c = _attrs(rng, held_out, allow_held_out)
+            _place(rng, scene, Obj(s, c, rng.choice(tuple(SIZES)), 0, 0))
+        if len(scene.objects) == k:
+            return scene
+
+
+# ---------------------------------------------------------------------------------------------- language
+def where(o: Obj) -> str:
+    col = "left" if o.x < REF / 3 else "right" if o.x > 2 * REF / 3 else "center"
+    row = "top" if o.y < REF / 3 else "bottom" if o.y > 2 * REF / 3 else "middle"
+    if (row, col) == ("middle", "center"):
+        return "in the center"
+    if row == "middle":
+        return f"on the {col}"
+    if col == "center":
+        return f"at the {row}"
+    return f"in the {row} {col}"
+
+
+def caption(scene: Scene) -> str:
+    n = len(scene.objects)
+    first = f"{NUMBERS[n].capitalize()} shape{'s' if n > 1 else ''} on a white background."
+    rest = [f"A {o.size} {o.color} {o.shape} is {where(o)}." for o in sorted(scene.objects, key=lambda o: (o.y, o.x))]
+    return " ".join([first] + rest)
+
+
+def relation_holds(a: Obj, rel: str, b: Obj, margin: float = 4) -> bool:
+    return {"above": a.y < b.y - margin, "below": a.y > b.y + margin,
+            "to the left of": a.x < b.x - margin, "to the right of": a.x > b.x + margin}[rel]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def spec_text(spec: dict) -> str:
+    """The prompt for a spec: objects [{shape, color, count}], optional relation {a, rel, b}."""
+    parts = []
+    for o in spec["objects"]:
+        noun = o["shape"] + ("s" if o["count"] > 1 else "")
+        words = ([o["color"]] if o.get("color") else []) + [noun]
+        head = NUMBERS[o["count"]] if o["count"] > 1 else _article(words[0])
+        parts.append(f"{head} {' '.join(words)}")
+    rel = spec.get("relation")
+    if rel:
+        return f"{parts[rel['a']]} {rel['rel']} {parts[rel['b']]}"
+    return " and ".join(parts)
+
+
+def random_spec(rng: random.Random, category: str, held_out=HELD_OUT, allow_held_out=False) -> dict:
+    def obj(count=1, need_color=True):
+        s, c = _attrs(rng, held_out, allow_held_out)
+        return {"shape": s, "color": c if need_color else None, "count": count}
+
+    if category == "single_object":
+        return {"objects": [obj(need_color=rng.random() < 0.5)], "relation": None}
+    if category == "colors":
+        return {"objects": [obj()], "relation": None}
+    if category == "counting":
+        return {"objects": [obj(count=rng.choice((2, 3, 4)), need_color=rng.random() < 0.7)], "relation": None}
+    a = obj()
+    while True:
+        b = obj()
+        if (a["shape"], a["color"]) != (b["shape"], b["color"]) and a["shape"] != b["shape"]:
+            break
+    if category == "two_objects":
+        return {"objects": [a, b], "relation": None}
+    if category == "color_attr":
+        return {"objects": [a, b], "relation": None}
+    if category == "position":
+        return {"objects": [a, b], "relation": {"a": 0, "rel": rng.choice(RELATIONS), "b": 1}}
+    raise ValueError(f"unknown category {category!r}")
+
+
+CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+
+
+def scene_for_spec(spec: dict, rng: random.Random, held_out=HELD_OUT, allow_held_out=True) -> Scene:
+    """A scene that satisfies the spec exactly (only the named objects)."""
+    for _ in range(200):
+        scene = Scene()
+        objs = []
+        for o in spec["objects"]:
+            group = []
+            color = o.get("color")
+            for _ in range(o["count"]):
+                c = color or _attrs(rng, held_out, allow_held_out, shape=o["shape"])[1]
+                group.append(Obj(o["shape"], c, rng.choice(tuple(SIZES)) if o["count"] < 4 else "small", 0, 0))
+            objs.append(group)
+        rel = spec.get("relation")
+        if rel:
+            a, b = objs[rel["a"]][0], objs[rel["b"]][0]
+            r = rel["rel"]
+            top, bottom = (0, 4, REF, REF / 2 - 6), (0, REF / 2 + 6, REF, REF - 4)
+            left, right = (4, 0, REF / 2 - 6, REF), (REF / 2 + 6, 0, REF - 4, REF)
+            ra, rb = {"above": (top, bottom), "below": (bottom, top),
+                      "to the left of": (left, right), "to the right of": (right, left)}[r]
+            ok = _place(rng, scene, a, ra) and _place(rng, scene, b, rb) and relation_holds(a, r, b, margin=8)
+        else:
+            ok = all(_place(rng, scene, o) for group in objs for o in group)
+        if ok and len(scene.objects) == sum(len(g) for g in objs):
+            return scene
+    raise RuntimeError(f"could not place {spec}")
+
+
+# ---------------------------------------------------------------------------------------------- questions
+def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_out=False) -> list[dict]:
+    """Visual QA for a scene: count, colour, shape, position, existence (balanced yes/no)."""
+    objs = scene.objects
+    qs = [{"question": "How many shapes are there?", "answer": str(len(objs)), "qtype": "count"}]
+    s = rng.choice(SHAPES)
+    qs.append({"question": f"How many {s}s are there?", "answer": str(sum(o.shape == s for o in objs)), "qtype": "count"})
+    by_shape = {s: [o for o in objs if o.shape == s] for s in SHAPES}
+    uniq = [o for o in objs if len(by_shape[o.shape]) == 1]
+    if uniq:
+        o = rng.choice(uniq)
+        qs.append({"question": f"What color is the {o.shape}?", "answer": o.color, "qtype": "color"})
+    by_color = {c: [o for o in objs if o.color == c] for c in COLORS}
+    uniq_c = [o for o in objs if len(by_color[o.color]) == 1]
+    if uniq_c:
+        o = rng.choice(uniq_c)
+        qs.append({"question": f"What shape is the {o.color} object?", "answer": o.shape, "qtype": "shape"})
+    named = [o for o in objs if sum(p.color == o.color and p.shape == o.shape for p in objs) == 1]
+    if len(named) >= 2:
+        a, b = rng.sample(named, 2)
+        rel = rng.choice(RELATIONS)
+        if relation_holds(a, rel, b) or relation_holds(b, rel, a):
+            ans = "yes" if relation_holds(a, rel, b) else "no"
+            qs.append({"question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?", "answer": ans,
+                       "qtype": "position"})
+    present = scene.combos()
+    if rng.random() < 0.5:
+        c, s = rng.choice(sorted(present))
+        ans = "yes"
+    else:
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present
+                  and (allow_held_out or (c, s) not in held_out)]
+        c, s = rng.choice(absent)
+        ans = "no"
+    qs.append({"question": f"Is there {_article(c)} {c} {s} in the image?", "answer": ans, "qtype": "exist"})
+    return qs
+
+
+def text_document(rng: random.Random, held_out=HELD_OUT) -> str:
+    facts = ["A triangle has three sides.", "A square has four equal sides.", "A circle is round and has no corners.",
+             "Red, green, blue, yellow, purple and orange are colors.", "One plus one is two.",
+             "Two plus one is three.", "Three plus one is four.", "The top of an image is above its bottom.",
+             "Left is the opposite of right.", "Above is the opposite of below."]
+    kind = rng.random()
+    if kind < 0.4:
+        return " ".join(rng.sample(facts, 3))
+    if kind < 0.7:
+        n = rng.randint(1, 4)
+        return f"Counting: {' '.join(NUMBERS[i] for i in range(1, n + 1))}. There {'is' if n == 1 else 'are'} {NUMBERS[n]}."
+    return "Here is a picture: " + caption(random_scene(rng, held_out))
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+class _Writer:
+    def __init__(self, out: Path, size: int):
+        self.out, self.size, self.n = out, size, 0
+        (out / "img").mkdir(parents=True, exist_ok=True)
+
+    def image(self, scene: Scene) -> str:
+        self.n += 1
+        rel = f"img/{self.n:06d}.png"
+        scene.render(self.size).quantize(colors=16).save(self.out / rel, optimize=True)
+        return rel
+
+
+def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT, n_eval: int = 300) -> dict:
+    """Write every training manifest (about n records per kind) and the held-out evaluation sets."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    w = _Writer(out, size)
+    rec: dict[str, list[dict]] = {k: [] for k in ("caption", "caption_qa", "vqa", "class_to_image", "text_to_image",
+                                                  "interleaved", "text", "chat")}
+    train_prompts = set()
+    for i in range(n):
+        scene = random_scene(rng, held_out)
+        img = w.image(scene)
+        sd = scene.to_dict()
+        cap = caption(scene)
+        rec["caption"].append({"kind": "caption", "image": img, "text": cap, "scene": sd})
+        rec["caption_qa"].append({"kind": "caption_qa", "image": img, "question": "Describe the image in detail.",
+                                  "answer": cap, "scene": sd})
+        for q in questions(scene, rng, held_out):
+            rec["vqa"].append({"kind": "vqa", "image": img, **q, "scene": sd})
+        q = rng.choice(questions(scene, rng, held_out))
+        rec["chat"].append({"kind": "chat", "messages": [
+            {"role": "user", "content": f"<image_placeholder>\n{q['question']}", "images": [img]},
+            {"role": "assistant", "content": q["answer"]}], "scene": sd})
+        # generation: a GenEval-style prompt, a class name, and sometimes a full caption as the prompt
+        spec = random_spec(rng, CATEGORIES[i % len(CATEGORIES)], held_out)
+        gscene = scene_for_spec(spec, rng, held_out, allow_held_out=False)
+        gimg = w.image(gscene)
+        prompt = spec_text(spec)
+        train_prompts.add(prompt)
+        rec["text_to_image"].append({"kind": "text_to_image", "text": prompt, "image": gimg, "spec": spec,
+                                     "scene": gscene.to_dict()})
+        if i % 4 == 0:
+            rec["text_to_image"].append({"kind": "text_to_image", "text": caption(gscene), "image": gimg,
+                                         "scene": gscene.to_dict()})
+        if i % 3 == 0:
+            rec["chat"].append({"kind": "chat", "messages": [
+                {"role": "user", "content": f"Draw {prompt}."},
+                {"role": "assistant", "content": "", "images": [gimg]}], "scene": gscene.to_dict()})
+        one = random_scene(rng, held_out, n=1)
+        o = one.objects[0]
+        rec["class_to_image"].append({"kind": "class_to_image", "text": o.name(with_size=rng.random() < 0.5),
+                                      "image": w.image(one), "scene": one.to_dict()})
+        if i % 2 == 0:
+            scenes = [random_scene(rng, held_out) for _ in range(rng.choice((2, 3)))]
+            segs = [{"text": "Some pictures of shapes."}]
+            for k, s in enumerate(scenes):
+                segs += [{"image": w.image(s)}, {"text": f"Picture {k + 1}. {caption(s)}"}]
+            rec["interleaved"].append({"kind": "interleaved", "segments": segs, "scene": [s.to_dict() for s in scenes]})
+        rec["text"].append({"kind": "text", "text": text_document(rng, held_out)})
+    for kind, rows in rec.items():
+        _write_jsonl(out / f"{kind}.jsonl", rows)
+
+    # Evaluation: a separate random stream; held-out combinations allowed and flagged.
+    erng = random.Random(seed * 7919 + 17)
+    # The small world has few distinct single-object prompts, so eval prompts may also occur in training
+    # (as GenEval prompts may); eval images are always fresh. Each category gets up to n_eval / 6 unique prompts.
+    geneval = []
+    for cat in CATEGORIES:
+        seen: set[str] = set()
+        for _ in range(4000):
+            if len(seen) >= n_eval // len(CATEGORIES):
+                break
+            spec = random_spec(erng, cat, held_out, allow_held_out=True)
+            prompt = spec_text(spec)
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            held = any((o.get("color"), o["shape"]) in set(held_out) for o in spec["objects"])
+            geneval.append({"prompt": prompt, "category": cat, "spec": spec, "held_out": held,
+                            "in_training": prompt in train_prompts})
+    vqa = []
+    for k in range(n_eval // 2):
+        scene = random_scene(erng, held_out, allow_held_out=True)
+        if k % 4 == 3:  # make sure held-out pairs are represented
+            c, s = erng.choice(held_out)
+            scene.objects[0].color, scene.objects[0].shape = c, s
+        img = w.image(scene)
+        held = bool(scene.combos() & set(held_out))
+        for q in questions(scene, erng, held_out, allow_held_out=True):
+            vqa.append({"image": img, **q, "held_out": held, "scene": scene.to_dict()})
+    _write_jsonl(out / "eval_geneval.jsonl", geneval)
+    _write_jsonl(out / "eval_vqa.jsonl", vqa)
+    summary = {"seed": seed, "size": size, "held_out": [list(h) for h in held_out], "images": w.n,
+               **{k: len(v) for k, v in rec.items()}, "eval_geneval": len(geneval), "eval_vqa": len(vqa)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_cli(sub) -> None:
+    p = sub.add_parser("data", help="build datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("shapes", help="the procedural shapes world: every manifest kind plus evaluation sets")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=5000, help="scenes (about that many records per kind)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=64)
+    s.set_defaults(func=lambda a: print(json.dumps(build_dataset(a.out, a.n, a.seed, a.size), indent=2)) or 0)

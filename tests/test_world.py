@@ -1,0 +1,89 @@
+"""The shapes world: determinism, ground truth, held-out combinations; the scorer's accuracy on renders."""
+
+import json
+import random
+
+import numpy as np
+from PIL import ImageFilter
+
+from januskit.data.world import CATEGORIES, HELD_OUT, build_dataset, caption, questions, random_scene, random_spec, \
+    scene_for_spec, spec_text
+from januskit.eval.shapescore import answer, check_prompt, detect
+
+
+def _read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_deterministic_per_seed(tmp_path):
+    a, b, c = (build_dataset(tmp_path / n, 30, seed, n_eval=24) for n, seed in (("a", 1), ("b", 1), ("c", 2)))
+    assert a == b
+    for kind in ("caption", "vqa", "text_to_image", "chat", "eval_geneval"):
+        assert (tmp_path / "a" / f"{kind}.jsonl").read_bytes() == (tmp_path / "b" / f"{kind}.jsonl").read_bytes()
+    assert (tmp_path / "a" / "img" / "000001.png").read_bytes() == (tmp_path / "b" / "img" / "000001.png").read_bytes()
+    assert (tmp_path / "a" / "caption.jsonl").read_bytes() != (tmp_path / "c" / "caption.jsonl").read_bytes()
+
+
+def test_manifests_resolve_and_hold_no_held_out_pairs(tmp_path):
+    build_dataset(tmp_path, 60, 0, n_eval=60)
+    held = {tuple(h) for h in HELD_OUT}
+    for kind in ("caption", "caption_qa", "vqa", "class_to_image", "text_to_image", "interleaved", "text", "chat"):
+        rows = _read(tmp_path / f"{kind}.jsonl")
+        assert rows, kind
+        for r in rows:
+            text = json.dumps(r)
+            for c, s in held:
+                assert f"{c} {s}" not in text, (kind, r)
+            scenes = r.get("scene", [])
+            for sc in scenes if isinstance(scenes, list) else [scenes]:
+                assert not {(o["color"], o["shape"]) for o in sc["objects"]} & held
+            for img in [r.get("image")] + [s.get("image") for s in r.get("segments", [])] + \
+                    [i for m in r.get("messages", []) for i in m.get("images", [])]:
+                if img:
+                    assert (tmp_path / img).exists()
+    assert any(e["held_out"] for e in _read(tmp_path / "eval_geneval.jsonl"))
+    assert any(e["held_out"] for e in _read(tmp_path / "eval_vqa.jsonl"))
+
+
+def test_captions_questions_and_balance():
+    rng = random.Random(0)
+    yes = total = 0
+    for _ in range(400):
+        scene = random_scene(rng)
+        cap = caption(scene)
+        assert len(cap.split(". ")) == len(scene.objects) + 1  # summary sentence + one per object
+        for o in scene.objects:
+            assert f"{o.size} {o.color} {o.shape}" in cap
+        for q in questions(scene, rng):
+            assert answer(q["question"], detect(scene.render(64))) == q["answer"], q
+            if q["qtype"] == "exist":
+                total += 1
+                yes += q["answer"] == "yes"
+    assert 0.44 <= yes / total <= 0.56
+
+
+def test_scorer_on_renders_and_blur():
+    rng = random.Random(1)
+    clean = blurred = 0
+    n = 240
+    for i in range(n):
+        spec = random_spec(rng, CATEGORIES[i % len(CATEGORIES)], allow_held_out=True)
+        img = scene_for_spec(spec, rng).render(64)
+        clean += check_prompt(spec, detect(img))
+        noisy = np.asarray(img.filter(ImageFilter.GaussianBlur(0.6)), dtype=float)
+        noisy += np.random.default_rng(i).normal(0, 6, noisy.shape)
+        blurred += check_prompt(spec, detect(np.clip(noisy, 0, 255).astype(np.uint8)))
+        assert spec_text(spec)
+    assert clean / n >= 0.99 and blurred / n >= 0.95
+
+
+def test_scorer_rejects_wrong_images():
+    rng = random.Random(2)
+    spec = {"objects": [{"shape": "circle", "color": "red", "count": 1}], "relation": None}
+    other = scene_for_spec({"objects": [{"shape": "square", "color": "red", "count": 1}], "relation": None}, rng)
+    assert not check_prompt(spec, detect(other.render(64)))
+    spec = {"objects": [{"shape": "circle", "color": "red", "count": 1}, {"shape": "square", "color": "blue", "count": 1}],
+            "relation": {"a": 0, "rel": "above", "b": 1}}
+    flipped = dict(spec, relation={"a": 0, "rel": "below", "b": 1})
+    img = scene_for_spec(spec, rng).render(64)
+    assert check_prompt(spec, detect(img)) and not check_prompt(flipped, detect(img))
