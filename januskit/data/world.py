@@ -292,7 +292,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
     rng = random.Random(seed)
     w = _Writer(out, size)
     rec: dict[str, list[dict]] = {k: [] for k in ("caption", "caption_qa", "vqa", "class_to_image", "text_to_image",
-                                                  "interleaved", "text", "chat")}
+                                                  "interleaved", "text", "chat", "chat_image")}
     train_prompts = set()
     for i in range(n):
         scene = random_scene(rng, held_out)
@@ -304,10 +304,9 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
                                   "answer": cap, "scene": sd})
         for q in questions(scene, rng, held_out):
             rec["vqa"].append({"kind": "vqa", "image": img, **q, "scene": sd})
-        q = rng.choice(questions(scene, rng, held_out))
-        rec["chat"].append({"kind": "chat", "messages": [
-            {"role": "user", "content": f"<image_placeholder>\n{q['question']}", "images": [img]},
-            {"role": "assistant", "content": q["answer"]}], "scene": sd})
+            rec["chat"].append({"kind": "chat", "messages": [
+                {"role": "user", "content": f"<image_placeholder>\n{q['question']}", "images": [img]},
+                {"role": "assistant", "content": q["answer"]}], "scene": sd})
         # generation: a GenEval-style prompt, a class name, and sometimes a full caption as the prompt
         spec = random_spec(rng, CATEGORIES[i % len(CATEGORIES)], held_out)
         gscene = scene_for_spec(spec, rng, held_out, allow_held_out=False)
@@ -320,7 +319,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
             rec["text_to_image"].append({"kind": "text_to_image", "text": caption(gscene), "image": gimg,
                                          "scene": gscene.to_dict()})
         if i % 3 == 0:
-            rec["chat"].append({"kind": "chat", "messages": [
+            rec["chat_image"].append({"kind": "chat", "messages": [
                 {"role": "user", "content": f"Draw {prompt}."},
                 {"role": "assistant", "content": "", "images": [gimg]}], "scene": gscene.to_dict()})
         one = random_scene(rng, held_out, n=1)

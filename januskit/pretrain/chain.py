@@ -1,0 +1,194 @@
+"""The whole chain that makes the bundled model, from nothing: world data -> tokenizer -> VQ -> SigLIP -> LLM ->
+assembled stage-0 checkpoint -> VQ code cache -> stages I, II, III (the trainer, Janus-Pro ratios) -> export.
+
+Every step writes into OUT and is skipped when its output is already there, so an interrupted chain resumes.
+`fast=True` shrinks every step to seconds (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..config import preset
+from ..data.world import build_dataset
+from ..processor import JanusProcessor
+from ..weights import build_on_meta, init_weights, load_into, read_state_dict, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChainSize:
+    scenes: int = 5000
+    vq_steps: int = 1500
+    siglip_steps: int = 500
+    llm_steps: int = 500
+    stage_steps: tuple[int, int, int] = (150, 400, 400)
+    global_batch: int = 64
+
+
+FULL = ChainSize(scenes=4000, vq_steps=500, siglip_steps=300, llm_steps=300, stage_steps=(60, 200, 300),
+                 global_batch=32)
+FAST = ChainSize(scenes=40, vq_steps=6, siglip_steps=4, llm_steps=4, stage_steps=(2, 2, 2), global_batch=8)
+
+
+def _step(out: Path, name: str, timings: dict):
+    """Decorator-like helper: run fn unless OUT/name/.done exists; record the time."""
+
+    def run(fn):
+        d = out / name
+        if (d / ".done").exists():
+            log.info("chain: %s already done", name)
+            return d
+        d.mkdir(parents=True, exist_ok=True)
+        t = time.time()
+        info = fn(d) or {}
+        timings[name] = round(time.time() - t, 1)
+        (d / ".done").write_text(json.dumps(info, indent=2))
+        log.info("chain: %s done in %.0fs %s", name, timings[name], info)
+        return d
+
+    return run
+
+
+def training_images(data: Path) -> list[Path]:
+    """Generation and caption images of the training manifests (never the evaluation images)."""
+    names = set()
+    for kind in ("caption", "class_to_image", "text_to_image"):
+        for line in open(data / f"{kind}.jsonl"):
+            names.add(json.loads(line)["image"])
+    return [data / n for n in sorted(names)]
+
+
+def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | None = None) -> Path:
+    """Run (or resume) the chain; returns the exported model directory."""
+    from . import llm as llm_mod
+    from . import siglip as siglip_mod
+    from . import tokenizer as tok_mod
+    from . import vq as vq_mod
+
+    size = size or (FAST if fast else FULL)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    torch.manual_seed(seed)
+
+    data = _step(out, "data", timings)(lambda d: build_dataset(d, size.scenes, seed, n_eval=60 if fast else 300))
+    tokdir = _step(out, "tokenizer", timings)(
+        lambda d: tok_mod.train_tokenizer(data).save_pretrained(d) or {})
+    proc = JanusProcessor.from_pretrained(tokdir)
+    vocab = proc.tokenizer.get_vocab_size()
+    config = preset("januskit-shapes")
+    config.llm.vocab_size = vocab
+
+    def vq_step(d):
+        imgs = vq_mod.load_images(training_images(data), config.vq.image_size)
+        vq, stats = vq_mod.train_vq(imgs, config.vq, steps=size.vq_steps, seed=seed)
+        save_file({f"gen_vision_model.{k}": v.contiguous() for k, v in vq.state_dict().items()}, str(d / "vq.safetensors"))
+        return stats
+
+    vqdir = _step(out, "vq", timings)(vq_step)
+
+    def siglip_step(d):
+        rows = [json.loads(line) for line in open(data / "caption.jsonl")]
+        pixels = torch.stack([proc.understanding_transform(data / r["image"]) for r in rows])
+        ids = [proc.encode(r["text"], add_bos=False) for r in rows]
+        vision, stats = siglip_mod.train_siglip(pixels, ids, config.vision, vocab, proc.pad_id,
+                                                steps=size.siglip_steps, seed=seed)
+        save_file({f"vision_model.{k}": v.contiguous() for k, v in vision.state_dict().items()},
+                  str(d / "siglip.safetensors"))
+        return stats
+
+    sigdir = _step(out, "siglip", timings)(siglip_step)
+
+    def llm_step(d):
+        docs = []
+        for kind, key in (("text", "text"), ("caption", "text")):
+            for line in open(data / f"{kind}.jsonl"):
+                docs.append(proc.encode(json.loads(line)[key]) + [proc.eos_id])
+        lm, stats = llm_mod.train_llm(docs, config.llm, steps=size.llm_steps, seed=seed)
+        save_file({f"language_model.{k}": v.contiguous() for k, v in lm.state_dict().items()},
+                  str(d / "llm.safetensors"))
+        return stats
+
+    llmdir = _step(out, "llm", timings)(llm_step)
+
+    def assemble(d):
+        from ..api import Janus
+
+        model = init_weights(build_on_meta(config), seed=seed)
+        sd = model.state_dict()
+        for f in (vqdir / "vq.safetensors", sigdir / "siglip.safetensors", llmdir / "llm.safetensors"):
+            sd.update(read_state_dict_file(f))
+        load_into(build_on_meta(config), sd)  # strict check of names and shapes
+        model.load_state_dict(sd)
+        Janus(model, proc).save_pretrained(d)
+        return {"params": sum(p.numel() for p in model.parameters())}
+
+    stage0 = _step(out, "stage0", timings)(assemble)
+
+    def codes_step(d):
+        from ..data.codes import prepare_codes
+        from ..vq import VQModel
+
+        vq = VQModel(config.vq)
+        vq.load_state_dict({k[len("gen_vision_model."):]: v for k, v in read_state_dict_file(vqdir / "vq.safetensors").items()})
+        manifests = [data / f"{k}.jsonl" for k in ("class_to_image", "text_to_image", "chat_image")]
+        return prepare_codes(manifests, vq.eval(), proc, d, root=data)
+
+    codes = _step(out, "codes", timings)(codes_step)
+
+    previous = stage0
+    for stage, steps in zip((1, 2, 3), size.stage_steps):
+        previous = _run_stage(out, stage, steps, previous, data, codes, size, timings)
+    final = out / "model"
+    if not (final / "config.json").exists():
+        shutil.copytree(previous, final, dirs_exist_ok=True)
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    return final
+
+
+def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _run_stage(out: Path, stage: int, steps: int, start: Path, data: Path, codes: Path, size: ChainSize,
+               timings: dict) -> Path:
+    from ..train.loop import train
+    from ..train.recipe import load_recipe
+
+    name = f"stage{stage}"
+    run_dir = out / name
+    final = run_dir / "final"
+    if (final / "config.json").exists():
+        return final
+    recipe = load_recipe(f"shapes-stage{stage}", [])
+    overrides = [f"model.checkpoint={start}", f"output_dir={run_dir}", f"train.steps={steps}",
+                 f"train.global_batch={size.global_batch}", f"data.codes={codes}"]
+    overrides += [f"data.sources.{s['name']}.path={data / Path(s['path']).name}" for s in recipe.data.sources]
+    recipe = load_recipe(f"shapes-stage{stage}", overrides)
+    t = time.time()
+    train(recipe, resume="latest" if any(run_dir.glob("step-*")) else None)
+    timings[name] = round(time.time() - t, 1)
+    return final
+
+
+def install_default(model_dir: Path) -> Path:
+    """Copy a trained model into the package (januskit/assets/default-model), weights stored in bfloat16."""
+    from ..api import Janus, default_model_dir
+
+    janus = Janus.from_pretrained(model_dir)
+    dst = default_model_dir()
+    janus.model.to(torch.bfloat16)
+    janus.save_pretrained(dst)
+    return dst

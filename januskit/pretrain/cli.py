@@ -1,0 +1,26 @@
+"""`januskit build-default`: run the whole chain that makes the bundled model."""
+
+from __future__ import annotations
+
+import logging
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("build-default", help="train the bundled model from nothing (data, tokenizer, VQ, SigLIP, "
+                                             "LLM, stages I-III); resumes an interrupted run")
+    p.add_argument("--out", required=True, help="working directory; the model ends up in OUT/model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast", action="store_true", help="a seconds-long toy version of every step (smoke test)")
+    p.add_argument("--install", action="store_true", help="copy the result into the package as the default model")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .chain import install_default, run_chain
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    model = run_chain(args.out, seed=args.seed, fast=args.fast)
+    print(model)
+    if args.install:
+        print(install_default(model))
+    return 0
