@@ -301,7 +301,9 @@ class SampleBuilder:
         answers = [m for m in messages if m["role"] == ASSISTANT and m["images"]]
         if answers:
             return self._image_chat(messages, base, rng), "generation"
-        return self._text_chat(messages, base), "understanding"
+        # A chat with images is understanding data; a text-only chat is text data (Janus SFT's text share).
+        group = "understanding" if any(m.get("images") for m in messages if isinstance(m, dict)) else "text"
+        return self._text_chat(messages, base), group
 
     def _text_chat(self, messages: list[dict], base) -> _Layout:
         system = messages[0]["content"] if messages[0]["role"] == SYSTEM else None
