@@ -76,19 +76,24 @@ def _processor(cfg):
     return JanusProcessor(tok, num_image_tokens=cfg.num_image_tokens, image_size=cfg.vision.image_size)
 
 
-def memory_bandwidth(device: str, gib: float = 1.0, reps: int = 5) -> float:
-    """Copy bandwidth in bytes/s (bytes read + bytes written)."""
+def memory_bandwidth(device: str, gib: float = 2.0, reps: int = 5) -> tuple[float, float]:
+    """(read, copy) bandwidth in bytes/s. Read: a reduction over `gib` GiB, the access pattern of a decode step
+    (weights are only read); copy: bytes read + bytes written by a copy of the same size."""
     n = int(gib * 2**30) // 4
     a = torch.ones(n, dtype=torch.float32, device=device)
     b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(reps):
-        _sync(device)
-        t = time.perf_counter()
-        b.copy_(a)
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n * 4 / best
+
+    def best(fn):
+        t_best = float("inf")
+        for _ in range(reps):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            t_best = min(t_best, time.perf_counter() - t)
+        return t_best
+
+    return n * 4 / best(lambda: a.sum()), 2 * n * 4 / best(lambda: b.copy_(a))
 
 
 def _sync(device):
@@ -261,8 +266,9 @@ def main():
         print(f"writing random {args.preset} weights to {ckpt} ...", flush=True)
         build_checkpoint(args.preset, ckpt)
     cfg = preset(args.preset)
-    bw = memory_bandwidth(args.device)
-    print(f"\n{args.preset} on {args.device}, {args.threads} threads, measured copy bandwidth {bw / 1e9:.1f} GB/s, "
+    bw, copy_bw = memory_bandwidth(args.device)
+    print(f"\n{args.preset} on {args.device}, {args.threads} threads, measured read bandwidth {bw / 1e9:.1f} GB/s "
+          f"(copy {copy_bw / 1e9:.1f} GB/s read+write); roofline = bytes per step / read bandwidth, "
           f"{args.steps} image steps, {args.text_steps} text steps\n")
     rows = []
     for dtype in args.dtypes.split(","):

@@ -28,9 +28,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, in)
-        if _packed_mm_ok(x2, self.scale):
+        if x2.shape[0] <= 16 and _packed_mm_ok(x2, self.scale):  # decode: memory-bound, read int8
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
-        else:
+        else:  # prefill: compute-bound, dequantize once and use the regular GEMM
             y = F.linear(x2, self.qweight.to(x.dtype) * self.scale[:, None].to(x.dtype))
         if self.bias is not None:
             y = y + self.bias
