@@ -70,10 +70,8 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 with safe_open(str(f), framework="pt") as sf:
                     for name in sf.keys():
                         yield name, sf.get_tensor(name)
-            except (OSError, RuntimeError, ValueError) as e:  # safetensors raises SafetensorError (an Exception)
-                raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
-            except Exception as e:
-                if type(e).__name__ == "SafetensorError":
+            except Exception as e:  # safetensors' SafetensorError derives from Exception only
+                if isinstance(e, (OSError, RuntimeError, ValueError)) or type(e).__name__ == "SafetensorError":
                     raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
                 raise
         else:
