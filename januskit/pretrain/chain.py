@@ -35,7 +35,7 @@ class ChainSize:
     global_batch: int = 64
 
 
-FULL = ChainSize(scenes=4000, vq_steps=500, siglip_steps=300, llm_steps=300, stage_steps=(60, 200, 300),
+FULL = ChainSize(scenes=4000, vq_steps=5000, siglip_steps=300, llm_steps=150, stage_steps=(60, 200, 300),
                  global_batch=32)
 FAST = ChainSize(scenes=40, vq_steps=6, siglip_steps=4, llm_steps=4, stage_steps=(2, 2, 2), global_batch=8)
 
@@ -91,7 +91,8 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
 
     def vq_step(d):
         imgs = vq_mod.load_images(training_images(data), config.vq.image_size)
-        vq, stats = vq_mod.train_vq(imgs, config.vq, steps=size.vq_steps, seed=seed)
+        # 32-px crops, batch 16: ~0.11 s a step on 2 cores; colours appear only after ~1500 steps.
+        vq, stats = vq_mod.train_vq(imgs, config.vq, steps=size.vq_steps, batch=16, lr=2e-3, seed=seed, crop=32)
         save_file({f"gen_vision_model.{k}": v.contiguous() for k, v in vq.state_dict().items()}, str(d / "vq.safetensors"))
         return stats
 
