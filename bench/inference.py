@@ -124,6 +124,20 @@ def _timeit(fn, device):
     return time.perf_counter() - t, out
 
 
+def _marginal(run, steps: int, device) -> float:
+    """Seconds per step beyond the first: time(run(steps + 1)) - time(run(1)), after a warm-up."""
+    run(2)
+    t1, _ = _timeit(lambda: run(1), device)
+    tn, _ = _timeit(lambda: run(steps + 1), device)
+    return (tn - t1) / steps, t1
+
+
+def _question(p):
+    conv = [{"role": "user", "content": "<image_placeholder>\nWhat is in the image?", "images": [_image()]},
+            {"role": "assistant", "content": ""}]
+    return p.encode_conversation(conv)
+
+
 def worker_januskit(args) -> dict:
     from januskit import Janus
     from januskit.generate import generate_image_tokens, generate_text
@@ -142,14 +156,9 @@ def worker_januskit(args) -> dict:
             return generate_image_tokens(m, [cond], [uncond], p.pad_id, n=n, temperature=1.0,
                                          generator=torch.Generator(device=args.device).manual_seed(0), num_tokens=steps)
 
-        run(2)  # warm-up
-        t1, _ = _timeit(lambda: run(1), args.device)
-        tn, _ = _timeit(lambda: run(args.steps + 1), args.device)
-        res[f"image_step_ms_n{n}"] = (tn - t1) / args.steps * 1e3
-        res[f"image_tok_s_n{n}"] = n * args.steps / (tn - t1)
-    conv = [{"role": "user", "content": "<image_placeholder>\nWhat is in the image?", "images": [_image()]},
-            {"role": "assistant", "content": ""}]
-    enc = p.encode_conversation(conv)
+        step, _ = _marginal(run, args.steps, args.device)
+        res[f"image_step_ms_n{n}"], res[f"image_tok_s_n{n}"] = step * 1e3, n / step
+    enc = _question(p)
     batch = p.batch([enc]).to(args.device, dtype=janus.dtype)
 
     def prefill_and_decode(k):
@@ -158,10 +167,8 @@ def worker_januskit(args) -> dict:
             steps = generate_text(m, embeds, batch.attention_mask, eos_id=-1, max_new_tokens=k)
             return sum(1 for _ in steps)
 
-    prefill_and_decode(1)
-    t1, _ = _timeit(lambda: prefill_and_decode(1), args.device)
-    tk, _ = _timeit(lambda: prefill_and_decode(args.text_steps + 1), args.device)
-    res.update(prefill_ms=t1 * 1e3, text_tok_s=args.text_steps / (tk - t1), prompt_tokens=len(enc.input_ids))
+    step, t1 = _marginal(prefill_and_decode, args.text_steps, args.device)
+    res.update(prefill_ms=t1 * 1e3, text_tok_s=1 / step, prompt_tokens=len(enc.input_ids))
     return res
 
 
@@ -187,14 +194,9 @@ def worker_transformers(args) -> dict:
                 return hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
                                    generation_config=gc)
 
-        run(2)
-        t1, _ = _timeit(lambda: run(1), args.device)
-        tn, _ = _timeit(lambda: run(args.steps + 1), args.device)
-        res[f"image_step_ms_n{n}"] = (tn - t1) / args.steps * 1e3
-        res[f"image_tok_s_n{n}"] = n * args.steps / (tn - t1)
-    conv = [{"role": "user", "content": "<image_placeholder>\nWhat is in the image?", "images": [_image()]},
-            {"role": "assistant", "content": ""}]
-    enc = p.encode_conversation(conv)
+        step, _ = _marginal(run, args.steps, args.device)
+        res[f"image_step_ms_n{n}"], res[f"image_tok_s_n{n}"] = step * 1e3, n / step
+    enc = _question(p)
     ids = enc.input_ids[None].to(args.device)
     pv = enc.images.to(args.device, dtype=args.dtype)
 
@@ -205,11 +207,20 @@ def worker_transformers(args) -> dict:
             return hf.generate(input_ids=ids, pixel_values=pv, attention_mask=torch.ones_like(ids),
                                generation_config=gc)
 
-    gen(1)
-    t1, _ = _timeit(lambda: gen(1), args.device)
-    tk, _ = _timeit(lambda: gen(args.text_steps + 1), args.device)
-    res.update(prefill_ms=t1 * 1e3, text_tok_s=args.text_steps / (tk - t1), prompt_tokens=ids.shape[1])
+    step, t1 = _marginal(gen, args.text_steps, args.device)
+    res.update(prefill_ms=t1 * 1e3, text_tok_s=1 / step, prompt_tokens=ids.shape[1])
     return res
+
+
+def _peak_rss_gib() -> float:
+    """This process's own resident high-water mark (VmHWM; ru_maxrss would carry the parent's over exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _image():
@@ -249,7 +260,7 @@ def main():
         args.dtype = DTYPES[args.dtype]
         torch.manual_seed(0)
         res = (worker_januskit if args.worker == "januskit" else worker_transformers)(args)
-        res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        res["peak_rss_gib"] = _peak_rss_gib()
         if args.device.startswith("cuda"):
             res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(json.dumps(res))
