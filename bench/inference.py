@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -36,7 +35,6 @@ def build_checkpoint(preset_name: str, out: Path, seed: int = 0) -> None:
     """Random weights of a preset, saved in the official layout (januskit) and the transformers layout."""
     from januskit.config import preset
     from januskit.hf_layout import hf_config_dict, official_to_hf
-    from januskit.processor import JanusProcessor
     from januskit.weights import build_on_meta, init_weights, save_state_dict, write_json
 
     cfg = preset(preset_name)

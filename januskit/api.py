@@ -19,7 +19,7 @@ from . import hf_layout, weights
 from .config import ConfigError, JanusConfig
 from .generate import generate_image_tokens, generate_text
 from .janus import JanusModel
-from .processor import JanusProcessor, ProcessorError, load_image
+from .processor import JanusProcessor, ProcessorError
 from .vq import to_pil
 
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from januskit.config import ConfigError, JanusConfig, preset
 from januskit.weights import build_on_meta

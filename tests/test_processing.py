@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from januskit import Janus, JanusError
+from januskit import JanusError
 from januskit.processor import JanusProcessor, ProcessorError, load_image
 
 from conftest import OFFICIAL_TINY

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..data.world import CATEGORIES, Scene, scene_for_spec
+from ..data.world import CATEGORIES, scene_for_spec
 from .shapescore import check_prompt, detect
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from ..config import preset
 from ..data.world import build_dataset
 from ..processor import JanusProcessor
-from ..weights import build_on_meta, init_weights, load_into, read_state_dict, write_json
+from ..weights import build_on_meta, init_weights, load_into
 
 log = logging.getLogger(__name__)
 
