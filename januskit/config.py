@@ -104,11 +104,14 @@ class VQConfig:
     in_channels: int = 3
     commit_beta: float = 0.25
     image_size: int = 384
+    # GroupNorm groups (VQ-16: 32, i.e. 4 channels a group at ch=128). A narrow VQ keeps that ratio with fewer
+    # groups: with one channel a group, GroupNorm normalises every channel on its own and erases colour.
+    norm_groups: int = 32
 
     def __post_init__(self):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        if self.ch % 32:
-            raise ConfigError(f"vq ch={self.ch} must be a multiple of 32 (GroupNorm with 32 groups, as in VQ-16)")
+        if self.norm_groups < 1 or self.ch % self.norm_groups:
+            raise ConfigError(f"vq ch={self.ch} must be a multiple of norm_groups={self.norm_groups} (GroupNorm)")
         if self.image_size % self.downsample:
             raise ConfigError(f"vq image_size {self.image_size} is not a multiple of the downsample factor {self.downsample}")
 
@@ -257,6 +260,7 @@ class JanusConfig:
             num_res_blocks=int(gp.get("num_res_blocks", vq.num_res_blocks)),
             codebook_size=int(gp.get("image_token_size", vq.codebook_size)),
             codebook_embed_dim=int(gp.get("n_embed", vq.codebook_embed_dim)),
+            norm_groups=int(gp.get("norm_groups", vq.norm_groups)),
             image_size=vision.image_size,
         )
 
@@ -295,6 +299,8 @@ class JanusConfig:
             q, image_size=VQConfig().image_size
         ):
             gen_params.update(ch=q.ch, ch_mult=list(q.ch_mult), z_channels=q.z_channels, num_res_blocks=q.num_res_blocks)
+            if q.norm_groups != VQConfig.norm_groups:
+                gen_params["norm_groups"] = q.norm_groups
 
         def aligner(a: AlignerConfig, mt: str):
             return {"cls": "MlpProjector", "model_type": mt, "params": {
@@ -446,14 +452,15 @@ def _tiny(name: str = "tiny", image_size: int = 64) -> JanusConfig:
 
 
 def _shapes(vocab_size: int = 1024) -> JanusConfig:
-    """The bundled model: 64x64 images, 64 understanding features (8-px patches), 64 VQ codes (downsample 8)."""
+    """The bundled model: 64x64 images of the shapes world; 16-px vision patches and a downsample-16 VQ, so an
+    image is 16 understanding features and 16 image tokens (one per grid cell)."""
     return JanusConfig(
         llm=LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
                         num_attention_heads=4, max_position_embeddings=512),
-        vision=SigLIPConfig(model_name="siglip_shapes", image_size=64, patch_size=8, width=128, layers=4, heads=4,
+        vision=SigLIPConfig(model_name="siglip_shapes", image_size=64, patch_size=16, width=128, layers=4, heads=4,
                             mlp_ratio=4.0),
-        vq=VQConfig(model_name="VQ-8-shapes", codebook_size=512, codebook_embed_dim=8, ch=32, ch_mult=(1, 2, 2, 4),
-                    z_channels=64, num_res_blocks=1, image_size=64),
+        vq=VQConfig(model_name="VQ-16-shapes", codebook_size=256, codebook_embed_dim=8, ch=32,
+                    ch_mult=(1, 1, 2, 2, 4), z_channels=64, num_res_blocks=1, image_size=64, norm_groups=8),
         name="januskit-shapes",
     )
 

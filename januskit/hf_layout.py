@@ -152,6 +152,8 @@ def hf_config_dict(cfg: JanusConfig) -> dict:
         raise ValueError("the transformers layout supports only select_layer=-1, select_feature='same'")
     if cfg.gen_head.image_token_embed != cfg.gen_aligner.n_embed:
         raise ValueError("the transformers layout needs gen_head.image_token_embed == gen_aligner.n_embed")
+    if q.norm_groups != 32:
+        raise ValueError(f"the transformers layout has 32 GroupNorm groups in the VQ; this model has {q.norm_groups}")
     return {
         "model_type": "janus",
         "architectures": ["JanusForConditionalGeneration"],

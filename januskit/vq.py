@@ -19,8 +19,8 @@ from torch import nn
 from .config import VQConfig
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 def _swish(x):
@@ -28,11 +28,11 @@ def _swish(x):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, groups: int = 32):
         super().__init__()
-        self.norm1 = _norm(cin)
+        self.norm1 = _norm(cin, groups)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = _norm(cout)
+        self.norm2 = _norm(cout, groups)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
@@ -45,9 +45,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the spatial positions, with 1x1 convolutions."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int = 32):
         super().__init__()
-        self.norm = _norm(c)
+        self.norm = _norm(c, groups)
         self.q = nn.Conv2d(c, c, 1)
         self.k = nn.Conv2d(c, c, 1)
         self.v = nn.Conv2d(c, c, 1)
@@ -85,10 +85,10 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution of the encoder or decoder: residual blocks, optional attention, optional resampling."""
 
-    def __init__(self, cin: int, cout: int, n_res: int, attn: bool, resample: type | None):
+    def __init__(self, cin: int, cout: int, n_res: int, attn: bool, resample: type | None, groups: int = 32):
         super().__init__()
-        self.res = nn.ModuleList(ResBlock(cin if i == 0 else cout, cout) for i in range(n_res))
-        self.attn = nn.ModuleList(AttnBlock(cout) for _ in range(n_res)) if attn else nn.ModuleList()
+        self.res = nn.ModuleList(ResBlock(cin if i == 0 else cout, cout, groups) for i in range(n_res))
+        self.attn = nn.ModuleList(AttnBlock(cout, groups) for _ in range(n_res)) if attn else nn.ModuleList()
         if resample is Downsample:
             self.downsample = Downsample(cout)
         elif resample is Upsample:
@@ -106,8 +106,8 @@ class Level(nn.Module):
         return x
 
 
-def _mid(c: int) -> nn.Sequential:
-    return nn.Sequential(ResBlock(c, c), AttnBlock(c), ResBlock(c, c))
+def _mid(c: int, groups: int) -> nn.Sequential:
+    return nn.Sequential(ResBlock(c, c, groups), AttnBlock(c, groups), ResBlock(c, c, groups))
 
 
 class Encoder(nn.Module):
@@ -118,12 +118,12 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList(
             Level(cfg.ch * mult[i], cfg.ch * mult[i + 1], cfg.num_res_blocks, attn=i == n - 1,
-                  resample=Downsample if i != n - 1 else None)
+                  resample=Downsample if i != n - 1 else None, groups=cfg.norm_groups)
             for i in range(n)
         )
         c = cfg.ch * cfg.ch_mult[-1]
-        self.mid = _mid(c)
-        self.norm_out = _norm(c)
+        self.mid = _mid(c, cfg.norm_groups)
+        self.norm_out = _norm(c, cfg.norm_groups)
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
@@ -140,16 +140,16 @@ class Decoder(nn.Module):
         n = len(cfg.ch_mult)
         c = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = _mid(c)
+        self.mid = _mid(c, cfg.norm_groups)
         levels = []
         cin = c
         for i in range(n):  # from the lowest resolution up
             cout = cfg.ch * cfg.ch_mult[n - 1 - i]
             levels.append(Level(cin, cout, cfg.num_res_blocks + 1, attn=i == 0,
-                                resample=Upsample if i != n - 1 else None))
+                                resample=Upsample if i != n - 1 else None, groups=cfg.norm_groups))
             cin = cout
         self.conv_blocks = nn.ModuleList(levels)
-        self.norm_out = _norm(cin)
+        self.norm_out = _norm(cin, cfg.norm_groups)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
 
     def forward(self, z):

@@ -22,7 +22,7 @@ def chain_dir(tmp_path_factory):
 
 def test_chain_exports_a_loadable_model(chain_dir):
     janus = Janus.from_pretrained(chain_dir / "model")
-    assert janus.config.num_image_tokens == 64 and janus.config.image_tokens_per_image == 64
+    assert janus.config.num_image_tokens == 16 and janus.config.image_tokens_per_image == 16
     out = janus.generate_images("a red circle", n=2, seed=0)
     assert len(out.images) == 2 and out.images[0].size == (64, 64)
     assert janus.chat("How many shapes are there?", images=[out.images[0]], max_new_tokens=3).token_ids

@@ -40,7 +40,7 @@ def geneval(janus, prompts: list[dict], n: int = 4, cfg_weight: float = 5.0, see
             for j in range(n):
                 img = out.images[k * n + j]
                 ok = check_prompt(p["spec"], detect(img))
-                results.append((p["category"], p.get("held_out", False), ok))
+                results.append((p["category"], p.get("held_out", False), ok, p.get("in_training", False)))
                 if len(samples) < keep and j == 0:
                     samples.append((img, p["prompt"], ok))
     return _summarise(results) | {"samples": samples}
@@ -49,13 +49,13 @@ def geneval(janus, prompts: list[dict], n: int = 4, cfg_weight: float = 5.0, see
 def _summarise(results) -> dict:
     def block(rows):
         by = defaultdict(list)
-        for cat, _, ok in rows:
+        for cat, _, ok, _ in rows:
             by[cat].append(ok)
         cats = {c: _mean(by[c]) for c in CATEGORIES if by[c]}
         return {"overall": _mean(cats.values()), "categories": cats, "images": len(rows)}
 
     return {"seen": block([r for r in results if not r[1]]), "held_out": block([r for r in results if r[1]]),
-            "all": block(results)}
+            "novel": block([r for r in results if not r[3]]), "all": block(results)}
 
 
 def _norm(s: str) -> str:
@@ -142,11 +142,14 @@ def markdown(r: dict) -> str:
     g, u = r["geneval"], r["understanding"]
     lines = ["# januskit evaluation (shapes world)", "", "## Generation (GenEval-style, CFG 5)", "",
              "| split | overall | " + " | ".join(CATEGORIES) + " |", "|---" * (len(CATEGORIES) + 2) + "|"]
-    for split in ("seen", "held_out", "all"):
+    for split in ("seen", "held_out", "novel", "all"):
         cats = g[split]["categories"]
         lines.append(f"| {split} | {g[split]['overall']:.3f} | "
                      + " | ".join(f"{cats[c]:.2f}" if c in cats else "-" for c in CATEGORIES) + " |")
-    lines += ["", "CFG ablation (overall, all prompts subset): "
+    lines += ["", "Splits: `seen` = prompts without held-out colour-shape pairs, `held_out` = prompts naming one, `novel` ="
+              " prompts that occur in no training sample (every two-object, position and colour-attribution prompt;"
+              " single-object, colour and counting prompts are too few to reserve), `all` = every prompt.", "",
+              "CFG ablation (overall, all prompts subset): "
               + ", ".join(f"w={w:g}: {v:.3f}" for w, v in r["cfg_ablation"].items()), "",
               "## Understanding", "", "| split | accuracy | count | color | shape | position | exist | POPE acc | "
               "POPE F1 | yes-ratio |", "|---" * 10 + "|"]

@@ -1,8 +1,8 @@
 """A deterministic scorer for the shapes world: reads shapes, colours, sizes and positions back from pixels.
 
-Pixels are classified to the nearest palette colour (or background) within a distance threshold, connected
-components of one colour become objects, and each object's shape follows from how much of its bounding box it
-fills (square ~1, circle ~pi/4, triangle ~1/2). `check_prompt` applies GenEval's rules to a prompt spec.
+Pixels are classified to the nearest palette colour (or background) within a distance threshold; each grid cell's
+pixels of one colour become an object, and each object's shape follows from its top/bottom mass balance (triangles
+point up) and how much of its bounding box it fills (square ~1, circle ~pi/4). `check_prompt` applies GenEval's rules to a prompt spec.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..data.world import COLORS, REF, RELATIONS, SIZES
+from ..data.world import COLORS, GRID, REF, RELATIONS, SIZES
 
 _NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _NAMES], dtype=np.float32)  # (6, 3)
@@ -28,66 +28,56 @@ class Detection:
     area: int
 
 
-def _labels(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """4-connected components of a boolean mask (union-find over runs; fine for small images)."""
-    H, W = mask.shape
-    lab = np.zeros((H, W), dtype=np.int32)
-    parent = [0]
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for y in range(H):
-        row = mask[y]
-        for x in range(W):
-            if not row[x]:
-                continue
-            up = lab[y - 1, x] if y else 0
-            left = lab[y, x - 1] if x else 0
-            if up and left:
-                ra, rb = find(up), find(left)
-                lab[y, x] = min(ra, rb)
-                parent[max(ra, rb)] = min(ra, rb)
-            elif up or left:
-                lab[y, x] = up or left
-            else:
-                parent.append(len(parent))
-                lab[y, x] = len(parent) - 1
-    roots = np.array([find(i) for i in range(len(parent))], dtype=np.int32)
-    return roots[lab], len(parent) - 1
+def _shape(rows: np.ndarray, height: int, fill: float) -> str:
+    """Triangles (apex up) carry most of their pixels in the lower half of their box; squares fill their box,
+    circles ~pi/4 of it. The half-mass test survives blur at 8 px, where the fill ratios of a triangle and a
+    circle meet."""
+    mid = (height - 1) / 2
+    top, bottom = (rows < mid).sum(), (rows > mid).sum()
+    if top < 0.6 * bottom:
+        return "triangle"
+    return "square" if fill > 0.86 else "circle"
 
 
-def detect(image, min_area_frac: float = 0.006) -> list[Detection]:
-    """Objects in an image (PIL or HxWx3 uint8 array), sorted top-to-bottom, left-to-right."""
+def detect(image, min_area: float = 10.0) -> list[Detection]:
+    """Objects in an image (PIL or HxWx3 uint8 array, any multiple of the grid), sorted top-to-bottom,
+    left-to-right.
+
+    The world puts at most one shape in each grid cell, so each cell is read on its own: pixels nearer a palette
+    colour than white (and within 90 of it) are object pixels; every colour with at least `min_area` pixels (in
+    64-px units) in the cell is an object (a cell with two colours gives two objects, so a smeared generation
+    fails a count instead of passing). Shape follows from how much of its bounding box the object fills
+    and how its pixels split between the top and bottom halves (see `_shape`); size from its extent.
+    """
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     H, W, _ = arr.shape
+    if H != W or H % GRID:
+        raise ValueError(f"detect: expected a square image whose side is a multiple of {GRID}, got {W}x{H}")
     d = np.linalg.norm(arr[:, :, None, :] - _PALETTE[None, None], axis=-1)  # (H, W, 6)
     nearest = d.argmin(-1)
     bg = np.linalg.norm(arr - 255.0, axis=-1)
     is_obj = d.min(-1) < np.minimum(bg, 90.0)
     scale = REF / W
+    cs = H // GRID
+    need = min_area / scale ** 2
     out = []
-    for ci, name in enumerate(_NAMES):
-        mask = is_obj & (nearest == ci)
-        if not mask.any():
-            continue
-        lab, _ = _labels(mask)
-        for k in np.unique(lab[mask]):
-            ys, xs = np.nonzero(lab == k)
-            area = len(xs)
-            if area < min_area_frac * H * W:
-                continue
-            x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
-            bw, bh = x1 - x0 + 1, y1 - y0 + 1
-            fill = area / (bw * bh)
-            shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
-            extent = max(bw, bh) * scale
-            size = "large" if extent > (SIZES["small"] + SIZES["large"]) / 2 else "small"
-            center = ((x0 + x1 + 1) / 2 * scale, (y0 + y1 + 1) / 2 * scale)
-            out.append(Detection(shape, name, size, center, (int(x0), int(y0), int(x1), int(y1)), area))
+    for r in range(GRID):
+        for c in range(GRID):
+            sl = (slice(r * cs, (r + 1) * cs), slice(c * cs, (c + 1) * cs))
+            cell_obj, cell_near = is_obj[sl], nearest[sl]
+            for ci in np.unique(cell_near[cell_obj]):
+                ys, xs = np.nonzero(cell_obj & (cell_near == ci))
+                area = len(xs)
+                if area < need:
+                    continue
+                x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+                bw, bh = x1 - x0 + 1, y1 - y0 + 1
+                shape = _shape(ys - y0, bh, area / (bw * bh))
+                extent = max(bw, bh) * scale
+                size = "large" if extent > (SIZES["small"] + SIZES["large"]) / 2 else "small"
+                x0, x1, y0, y1 = x0 + c * cs, x1 + c * cs, y0 + r * cs, y1 + r * cs
+                center = ((x0 + x1 + 1) / 2 * scale, (y0 + y1 + 1) / 2 * scale)
+                out.append(Detection(shape, _NAMES[ci], size, center, (int(x0), int(y0), int(x1), int(y1)), area))
     return sorted(out, key=lambda o: (round(o.center[1] / 8), o.center[0]))
 
 

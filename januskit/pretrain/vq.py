@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ..config import VQConfig
-from ..vq import VQModel
+from ..vq import VQModel, VQOutput
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +23,27 @@ def load_images(paths: list[Path], size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def pil_to_tensor(images: list) -> torch.Tensor:
+    """PIL images of one size -> (N, 3, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int = 32, lr: float = 2e-3,
-             seed: int = 0, log_every: int = 100, restart_every: int = 100, crop: int | None = None) -> tuple[VQModel, dict]:
-    """Train on random `crop`-pixel crops (the model is convolutional; crops make steps several times cheaper)."""
+             seed: int = 0, log_every: int = 100, restart_every: int = 100, crop: int | None = None,
+             ae_warmup: float = 0.0) -> tuple[VQModel, dict]:
+    """Train on random `crop`-pixel crops when given (cheaper steps; only for models whose attention and GroupNorm
+    statistics do not care about the image size).
+
+    The first `ae_warmup` fraction of the steps trains a plain autoencoder on the l2-normalised latents (no
+    quantisation: exact gradients, so colours and shapes are learnt quickly); the codebook is then initialised by
+    k-means on the latents and training goes on with quantisation, commitment and codebook losses."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vq = VQModel(cfg)
     opt = torch.optim.AdamW(vq.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     hits = torch.zeros(cfg.codebook_size)
+    warmup = int(ae_warmup * steps)
     t0, stats = time.time(), {}
     for step in range(1, steps + 1):
         x = images[torch.randint(len(images), (batch,), generator=g)]
@@ -38,7 +51,10 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
             i, j = (int(v) for v in torch.randint(0, (x.shape[-1] - crop) // vq.cfg.downsample + 1, (2,), generator=g))
             d = vq.cfg.downsample
             x = x[:, :, i * d: i * d + crop, j * d: j * d + crop]
-        out = vq(x)
+        warm = step <= warmup
+        if step == warmup + 1 and warmup:
+            _kmeans_init(vq, images, g)
+        out = _autoencode(vq, x) if warm else vq(x)
         # Shapes cover a small part of each image: weight non-background pixels up so colours are learnt early.
         w = 1 + 4 * (x < 0.98).any(dim=1, keepdim=True).float()
         err = out.reconstruction - x
@@ -50,8 +66,9 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         for pg in opt.param_groups:  # cosine decay to 10%
             pg["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
         opt.step()
-        hits += torch.bincount(out.codes.flatten(), minlength=cfg.codebook_size).float()
-        if step % restart_every == 0 and step < 0.8 * steps:
+        if not warm:
+            hits += torch.bincount(out.codes.flatten(), minlength=cfg.codebook_size).float()
+        if not warm and step % restart_every == 0 and step < 0.8 * steps:
             _restart_dead(vq, x, hits, g)
             hits.zero_()
         if step % log_every == 0 or step == steps:
@@ -62,6 +79,33 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         codes = torch.cat([vq.encode(c) for c in images[:512].split(64)])
     stats["codebook_usage"] = codes.unique().numel() / cfg.codebook_size
     return vq.eval(), stats
+
+
+def _autoencode(vq: VQModel, x: torch.Tensor) -> VQOutput:
+    """The VQ's encoder and decoder without the quantiser (l2-normalised latents straight to the decoder)."""
+    z = torch.nn.functional.normalize(vq._latents(x), dim=-1)
+    recon = vq.decoder(vq.post_quant_conv(z.permute(0, 3, 1, 2)))
+    zero = recon.new_zeros(())
+    return VQOutput(recon, torch.zeros(z.shape[:-1], dtype=torch.long).flatten(1), zero, zero, 0.0)
+
+
+@torch.no_grad()
+def _kmeans_init(vq: VQModel, images: torch.Tensor, g: torch.Generator, n: int = 512, iters: int = 15) -> None:
+    """Codebook <- k-means centroids (cosine) of the latents of n random images."""
+    x = images[torch.randperm(len(images), generator=g)[:n]]
+    z = torch.cat([vq._latents(c) for c in x.split(64)]).reshape(-1, vq.cfg.codebook_embed_dim)
+    z = torch.nn.functional.normalize(z, dim=-1)
+    k = vq.cfg.codebook_size
+    cent = z[torch.randint(len(z), (k,), generator=g)].clone()
+    for _ in range(iters):
+        assign = (z @ cent.t()).argmax(1)
+        sums = torch.zeros_like(cent).index_add_(0, assign, z)
+        counts = torch.bincount(assign, minlength=k)
+        empty = counts == 0
+        cent = torch.where(empty[:, None], z[torch.randint(len(z), (k,), generator=g)],
+                           sums / counts.clamp(min=1)[:, None])
+        cent = torch.nn.functional.normalize(cent, dim=-1)
+    vq.quantize.embedding.weight.copy_(cent + 0.001 * torch.randn(cent.shape, generator=g))
 
 
 @torch.no_grad()
