@@ -26,6 +26,8 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
+    from PIL import Image
+
     janus = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -34,6 +36,8 @@ def cmd_generate(args) -> int:
     stem = "".join(c if c.isalnum() else "_" for c in args.prompt.lower())[:48].strip("_") or "image"
     for i, img in enumerate(result.images):
         path = out / f"{stem}_{args.seed if args.seed is not None else 'r'}_{i}.png"
+        if args.scale > 1:
+            img = img.resize((img.width * args.scale, img.height * args.scale), Image.NEAREST)
         img.save(path)
         print(path)
     return 0
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default="out", help="output directory")
+    p.add_argument("--scale", type=int, default=1, help="save images enlarged this many times (nearest neighbour)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="ask about images; interactive when no prompt is given")

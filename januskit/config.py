@@ -332,6 +332,9 @@ class JanusConfig:
     def from_hf_dict(cls, d: dict[str, Any]) -> "JanusConfig":
         """Read transformers' `JanusConfig` (model_type `janus`)."""
         t = dict(d.get("text_config") or {})
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        if "rope_theta" not in t and isinstance(rope, dict) and "rope_theta" in rope:
+            t["rope_theta"] = rope["rope_theta"]  # transformers 5 keeps it under rope_parameters
         v = dict(d.get("vision_config") or {})
         q = dict(d.get("vq_config") or {})
         llm = _build(LlamaConfig, {k: val for k, val in t.items() if k in _fields(LlamaConfig)}, "text_config")

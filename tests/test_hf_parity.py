@@ -133,3 +133,15 @@ def test_layout_round_trip_and_config_round_trip():
         again.vq.model_name = c.vq.model_name  # transformers' schema has no preset names
         assert (again.llm, again.vision.width, again.vq, again.aligner, again.gen_aligner, again.gen_head) == (
             c.llm, c.vision.width, c.vq, c.aligner, c.gen_aligner, c.gen_head)
+
+
+def test_transformers_config_as_transformers_writes_it():
+    """transformers' own config.json for the same model reads back to the same architecture (rope theta under
+    `rope_parameters` in transformers 5)."""
+    cfg = preset("tiny")
+    cfg.llm.rope_theta = 12345.0
+    written = HFJanusConfig(**hf_config_dict(cfg)).to_dict()
+    back = JanusConfig.from_hf_dict(written)
+    assert back.llm == cfg.llm and back.vq.codebook_size == cfg.vq.codebook_size
+    with pytest.raises(ValueError, match="32 GroupNorm groups"):
+        hf_config_dict(preset("januskit-shapes"))

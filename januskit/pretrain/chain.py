@@ -34,13 +34,15 @@ class ChainSize:
     llm_steps: int = 500
     stage_steps: tuple[int, int, int] = (150, 400, 400)
     global_batch: int = 64
-    vq_lr: float = 2e-3
-    vq_ae_warmup: float = 0.3
+    vq_lr: float = 1e-3
+    vq_ae_warmup: float = 0.6
+    vq_images: int = 12000
 
 
-FULL = ChainSize(scenes=6000, vq_steps=3000, siglip_steps=300, llm_steps=200, stage_steps=(300, 2000, 2000),
-                 global_batch=32, vq_lr=1e-3, vq_ae_warmup=0.3)
-FAST = ChainSize(scenes=40, vq_steps=6, siglip_steps=4, llm_steps=4, stage_steps=(2, 2, 2), global_batch=8)
+FULL = ChainSize(scenes=6000, vq_steps=4500, siglip_steps=300, llm_steps=200, stage_steps=(300, 2400, 2400),
+                 global_batch=32)
+FAST = ChainSize(scenes=40, vq_steps=6, siglip_steps=4, llm_steps=4, stage_steps=(2, 2, 2), global_batch=8,
+                 vq_images=32)
 
 
 def _step(out: Path, name: str, timings: dict):
@@ -60,15 +62,6 @@ def _step(out: Path, name: str, timings: dict):
         return d
 
     return run
-
-
-def training_images(data: Path) -> list[Path]:
-    """Generation and caption images of the training manifests (never the evaluation images)."""
-    names = set()
-    for kind in ("caption", "class_to_image", "text_to_image"):
-        for line in open(data / f"{kind}.jsonl"):
-            names.add(json.loads(line)["image"])
-    return [data / n for n in sorted(names)]
 
 
 def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | None = None) -> Path:
@@ -93,15 +86,16 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     config.llm.vocab_size = vocab
 
     def vq_step(d):
-        # The tokenizer's images: the training manifests' images plus as many denser scenes (1-16 shapes, no
-        # held-out pairs): more shape pixels a step, and GroupNorm statistics that are not all background.
+        # The tokenizer's images: scenes of the same world but denser (1-16 shapes, no held-out pairs), as a
+        # tokenizer is trained on broad image data: several times more shape pixels a step, and GroupNorm
+        # statistics that are not all background.
         rng = random.Random(seed + 1)
-        paths = training_images(data)
         dense = [random_scene(rng, n=rng.randint(1, GRID * GRID)).render(config.vq.image_size)
-                 for _ in range(len(paths))]
-        imgs = torch.cat([vq_mod.load_images(paths, config.vq.image_size), vq_mod.pil_to_tensor(dense)])
+                 for _ in range(size.vq_images)]
+        imgs = vq_mod.pil_to_tensor(dense)
         # Whole images (the mid-block attention and GroupNorm statistics see the whole grid), batch 8: ~0.2 s a
-        # step on 2 cores. A plain-autoencoder warm-up learns colours first; k-means then seeds the codebook.
+        # step on 2 cores. A plain-autoencoder warm-up learns colours and shapes first (exact gradients); k-means
+        # on its latents then seeds the codebook and the rest of the steps train with quantisation.
         vq, stats = vq_mod.train_vq(imgs, config.vq, steps=size.vq_steps, batch=8, lr=size.vq_lr, seed=seed,
                                     ae_warmup=size.vq_ae_warmup)
         save_file({f"gen_vision_model.{k}": v.contiguous() for k, v in vq.state_dict().items()}, str(d / "vq.safetensors"))

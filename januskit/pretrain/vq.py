@@ -31,13 +31,14 @@ def pil_to_tensor(images: list) -> torch.Tensor:
 
 def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int = 32, lr: float = 2e-3,
              seed: int = 0, log_every: int = 100, restart_every: int = 100, crop: int | None = None,
-             ae_warmup: float = 0.0) -> tuple[VQModel, dict]:
+             ae_warmup: float = 0.0, edge_weight: float = 0.0) -> tuple[VQModel, dict]:
     """Train on random `crop`-pixel crops when given (cheaper steps; only for models whose attention and GroupNorm
     statistics do not care about the image size).
 
     The first `ae_warmup` fraction of the steps trains a plain autoencoder on the l2-normalised latents (no
     quantisation: exact gradients, so colours and shapes are learnt quickly); the codebook is then initialised by
-    k-means on the latents and training goes on with quantisation, commitment and codebook losses."""
+    k-means on the latents and training goes on with quantisation, commitment and codebook losses.
+    `edge_weight` adds weight on pixels at colour edges, where shapes differ from one another."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vq = VQModel(cfg)
@@ -55,8 +56,7 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         if step == warmup + 1 and warmup:
             _kmeans_init(vq, images, g)
         out = _autoencode(vq, x) if warm else vq(x)
-        # Shapes cover a small part of each image: weight non-background pixels up so colours are learnt early.
-        w = 1 + 4 * (x < 0.98).any(dim=1, keepdim=True).float()
+        w = _pixel_weights(x, edge_weight)
         err = out.reconstruction - x
         rec = (w * (err.abs() + err.pow(2))).mean() / w.mean()
         loss = rec + out.commit_loss + out.codebook_loss
@@ -79,6 +79,23 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         codes = torch.cat([vq.encode(c) for c in images[:512].split(64)])
     stats["codebook_usage"] = codes.unique().numel() / cfg.codebook_size
     return vq.eval(), stats
+
+
+def _pixel_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, H, W): shapes cover a small part of each image, so non-background pixels
+    weigh 5x (colours are learnt early); with `edge_weight`, pixels next to a colour edge weigh that much more
+    (a circle, a square and a triangle of one colour and size differ only along their outlines)."""
+    w = 1 + 4 * (x < 0.98).any(dim=1, keepdim=True).float()
+    if edge_weight:
+        dx = (x[..., :, 1:] - x[..., :, :-1]).abs().amax(1, keepdim=True) > 0.1
+        dy = (x[..., 1:, :] - x[..., :-1, :]).abs().amax(1, keepdim=True) > 0.1
+        edge = torch.zeros_like(w, dtype=torch.bool)
+        edge[..., :, 1:] |= dx
+        edge[..., :, :-1] |= dx
+        edge[..., 1:, :] |= dy
+        edge[..., :-1, :] |= dy
+        w = w + edge_weight * edge.float()
+    return w
 
 
 def _autoencode(vq: VQModel, x: torch.Tensor) -> VQOutput:
