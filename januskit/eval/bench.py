@@ -119,14 +119,14 @@ def grid(samples, cols: int = 8, cell: int = 96) -> Image.Image:
 
 
 def run_eval(janus, data_dir: Path, out_dir: Path, n: int = 4, cfg_weights=(1.0, 3.0, 5.0, 7.0),
-             max_prompts: int | None = None, max_questions: int | None = None) -> dict:
+             max_prompts: int | None = None, max_questions: int | None = None, seed: int = 0) -> dict:
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = _read(data_dir / "eval_geneval.jsonl")[:max_prompts]
     questions = _read(data_dir / "eval_vqa.jsonl")[:max_questions]
     t = time.time()
-    main = geneval(janus, prompts, n=n, cfg_weight=5.0, keep=32)
-    ablation = {w: (main if w == 5.0 else geneval(janus, prompts[::3], n=1, cfg_weight=w))["all"]["overall"]
+    main = geneval(janus, prompts, n=n, cfg_weight=5.0, seed=seed, keep=32)
+    ablation = {w: (main if w == 5.0 else geneval(janus, prompts, n=n, cfg_weight=w, seed=seed))["all"]["overall"]
                 for w in cfg_weights}
     und = understanding(janus, questions, data_dir)
     val = scorer_validation(janus, prompts[:120])
@@ -149,7 +149,7 @@ def markdown(r: dict) -> str:
     lines += ["", "Splits: `seen` = prompts without held-out colour-shape pairs, `held_out` = prompts naming one, `novel` ="
               " prompts that occur in no training sample (every two-object, position and colour-attribution prompt;"
               " single-object, colour and counting prompts are too few to reserve), `all` = every prompt.", "",
-              "CFG ablation (overall, all prompts subset): "
+              "CFG ablation (overall, all prompts, same seeds): "
               + ", ".join(f"w={w:g}: {v:.3f}" for w, v in r["cfg_ablation"].items()), "",
               "## Understanding", "", "| split | accuracy | count | color | shape | position | exist | POPE acc | "
               "POPE F1 | yes-ratio |", "|---" * 10 + "|"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def add_cli(sub) -> None:
@@ -13,6 +14,7 @@ def add_cli(sub) -> None:
     p.add_argument("-n", type=int, default=4, help="images per prompt")
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--max-questions", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the generation benchmark")
     p.add_argument("--int8", action="store_true", help="evaluate the int8 weight-only decoder")
     p.set_defaults(func=run)
 
@@ -25,8 +27,8 @@ def run(args) -> int:
     if args.int8:
         janus.quantize_int8()
     report = run_eval(janus, args.data, args.out, n=args.n, max_prompts=args.max_prompts,
-                      max_questions=args.max_questions)
-    print((__import__("pathlib").Path(args.out) / "report.md").read_text())
+                      max_questions=args.max_questions, seed=args.seed)
+    print((Path(args.out) / "report.md").read_text())
     print(json.dumps({"geneval_overall": report["geneval"]["all"]["overall"],
                       "understanding_accuracy": report["understanding"]["all"]["accuracy"]}))
     return 0

@@ -31,18 +31,23 @@ def pil_to_tensor(images: list) -> torch.Tensor:
 
 def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int = 32, lr: float = 2e-3,
              seed: int = 0, log_every: int = 100, restart_every: int = 100, crop: int | None = None,
-             ae_warmup: float = 0.0, edge_weight: float = 0.0) -> tuple[VQModel, dict]:
+             ae_warmup: float = 0.0, ae_noise: float = 0.1, edge_weight: float = 0.0) -> tuple[VQModel, dict]:
     """Train on random `crop`-pixel crops when given (cheaper steps; only for models whose attention and GroupNorm
     statistics do not care about the image size).
 
     The first `ae_warmup` fraction of the steps trains a plain autoencoder on the l2-normalised latents (no
     quantisation: exact gradients, so colours and shapes are learnt quickly); the codebook is then initialised by
-    k-means on the latents and training goes on with quantisation, commitment and codebook losses.
+    k-means on the latents and training goes on with quantisation, commitment and codebook losses, the encoder at a
+    tenth of the learning rate (the decoder learns the quantised latents while the codes stay put).
     `edge_weight` adds weight on pixels at colour edges, where shapes differ from one another."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vq = VQModel(cfg)
-    opt = torch.optim.AdamW(vq.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    enc = list(vq.encoder.parameters()) + list(vq.quant_conv.parameters())
+    ids = {id(p) for p in enc}
+    rest = [p for p in vq.parameters() if id(p) not in ids]
+    opt = torch.optim.AdamW([{"params": enc, "scale": 1.0}, {"params": rest, "scale": 1.0}], lr=lr,
+                            betas=(0.9, 0.95), weight_decay=0.0)
     hits = torch.zeros(cfg.codebook_size)
     warmup = int(ae_warmup * steps)
     t0, stats = time.time(), {}
@@ -55,7 +60,8 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         warm = step <= warmup
         if step == warmup + 1 and warmup:
             _kmeans_init(vq, images, g)
-        out = _autoencode(vq, x) if warm else vq(x)
+            opt.param_groups[0]["scale"] = 0.1  # the warmed-up encoder now moves slowly: codes stay put
+        out = _autoencode(vq, x, ae_noise) if warm else vq(x)
         w = _pixel_weights(x, edge_weight)
         err = out.reconstruction - x
         rec = (w * (err.abs() + err.pow(2))).mean() / w.mean()
@@ -64,7 +70,7 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vq.parameters(), 1.0)
         for pg in opt.param_groups:  # cosine decay to 10%
-            pg["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+            pg["lr"] = pg["scale"] * lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
         opt.step()
         if not warm:
             hits += torch.bincount(out.codes.flatten(), minlength=cfg.codebook_size).float()
@@ -98,16 +104,20 @@ def _pixel_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
     return w
 
 
-def _autoencode(vq: VQModel, x: torch.Tensor) -> VQOutput:
-    """The VQ's encoder and decoder without the quantiser (l2-normalised latents straight to the decoder)."""
+def _autoencode(vq: VQModel, x: torch.Tensor, noise: float = 0.0) -> VQOutput:
+    """The VQ's encoder and decoder without the quantiser: l2-normalised latents straight to the decoder, with
+    Gaussian noise of std `noise` added (and renormalised) in training, so that the encoder spreads distinct
+    contents far apart and the decoder tolerates the error that quantisation will bring."""
     z = torch.nn.functional.normalize(vq._latents(x), dim=-1)
+    if noise and vq.training:
+        z = torch.nn.functional.normalize(z + noise * torch.randn_like(z), dim=-1)
     recon = vq.decoder(vq.post_quant_conv(z.permute(0, 3, 1, 2)))
     zero = recon.new_zeros(())
     return VQOutput(recon, torch.zeros(z.shape[:-1], dtype=torch.long).flatten(1), zero, zero, 0.0)
 
 
 @torch.no_grad()
-def _kmeans_init(vq: VQModel, images: torch.Tensor, g: torch.Generator, n: int = 512, iters: int = 15) -> None:
+def _kmeans_init(vq: VQModel, images: torch.Tensor, g: torch.Generator, n: int = 2048, iters: int = 15) -> None:
     """Codebook <- k-means centroids (cosine) of the latents of n random images."""
     x = images[torch.randperm(len(images), generator=g)[:n]]
     z = torch.cat([vq._latents(c) for c in x.split(64)]).reshape(-1, vq.cfg.codebook_embed_dim)
