@@ -40,6 +40,6 @@ def train_llm(docs: list[list[int]], cfg: LlamaConfig, steps: int = 600, batch: 
             pg["lr"] = lr * min(1.0, step / 50)
         opt.step()
         if step % log_every == 0 or step == steps:
-            stats = {"step": step, "loss": float(loss), "s": time.time() - t0}
+            stats = {"step": step, "loss": float(loss.detach()), "s": time.time() - t0}
             log.info("llm %s", stats)
     return lm.eval(), stats

@@ -74,6 +74,6 @@ def train_siglip(pixels: torch.Tensor, token_ids: list[list[int]], cfg: SigLIPCo
                 im = F.normalize(vision.pooled(pixels[idx]), dim=-1)
                 tx = F.normalize(text(ids[idx], mask[idx]), dim=-1)
                 acc = float(((im @ tx.t()).argmax(1) == torch.arange(len(idx))).float().mean())
-            stats = {"step": step, "loss": float(loss), "retrieval_acc": acc, "s": time.time() - t0}
+            stats = {"step": step, "loss": float(loss.detach()), "retrieval_acc": acc, "s": time.time() - t0}
             log.info("siglip %s", stats)
     return vision.eval(), stats
