@@ -3,7 +3,8 @@
 Scenes hold 1-4 shapes (circle, square, triangle) in six colours and two sizes on a white background, with exact
 ground truth. Shapes sit at the centres of the cells of a 4x4 grid (16-px cells at 64 px), one shape a cell: the
 cell is the unit the bundled model's VQ tokenizer (downsample 16) and vision patches (16 px) see, so one image is
-16 image tokens, and positions and relations are always unambiguous. From scenes come captions (several sentences, so the first-sentence rule matters), class names
+16 image tokens, and positions and relations are always unambiguous. From scenes come captions (several
+sentences, so the first-sentence rule matters), class names
 (the ImageNet analogue), GenEval-style prompts with a checkable spec, caption QA, visual QA, interleaved
 documents, text-only documents and chat conversations, written as the JSONL manifests of docs/data.md.
 Held-out colour-shape pairs never appear in training data; the evaluation sets test them separately.
@@ -90,16 +91,10 @@ def cell_of(x: float, y: float) -> tuple[int, int]:
     return min(int(y // CELL), GRID - 1), min(int(x // CELL), GRID - 1)
 
 
-def _place(rng: random.Random, scene: Scene, obj: Obj, region=None) -> bool:
-    """Put obj at the centre of a random free cell (optionally one whose centre lies inside
-    region = (x0, y0, x1, y1))."""
+def _place(rng: random.Random, scene: Scene, obj: Obj) -> bool:
+    """Put obj at the centre of a random free cell."""
     taken = {cell_of(o.x, o.y) for o in scene.objects}
-    free = []
-    for r in range(GRID):
-        for c in range(GRID):
-            x, y = c * CELL + CELL / 2, r * CELL + CELL / 2
-            if (r, c) not in taken and (region is None or (region[0] <= x <= region[2] and region[1] <= y <= region[3])):
-                free.append((x, y))
+    free = [(c * CELL + CELL / 2, r * CELL + CELL / 2) for r in range(GRID) for c in range(GRID) if (r, c) not in taken]
     if not free:
         return False
     obj.x, obj.y = rng.choice(free)
@@ -217,8 +212,6 @@ def scene_for_spec(spec: dict, rng: random.Random, held_out=HELD_OUT, allow_held
         if rel:
             a, b = objs[rel["a"]][0], objs[rel["b"]][0]
             ok = _place(rng, scene, a) and _place(rng, scene, b) and relation_holds(a, rel["rel"], b)
-            if not ok:
-                continue
         else:
             ok = all(_place(rng, scene, o) for group in objs for o in group)
         if ok and len(scene.objects) == sum(len(g) for g in objs):

@@ -2,7 +2,8 @@
 
 Pixels are classified to the nearest palette colour (or background) within a distance threshold; each grid cell's
 pixels of one colour become an object, and each object's shape follows from its top/bottom mass balance (triangles
-point up) and how much of its bounding box it fills (square ~1, circle ~pi/4). `check_prompt` applies GenEval's rules to a prompt spec.
+point up) and how much of its bounding box it fills (square ~1, circle ~pi/4). `check_prompt` applies GenEval's
+rules to a prompt spec.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..config import VQConfig
@@ -19,8 +20,7 @@ log = logging.getLogger(__name__)
 
 def load_images(paths: list[Path], size: int) -> torch.Tensor:
     """Images as (N, 3, size, size) in [-1, 1]."""
-    arr = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)) for p in paths])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pil_to_tensor([Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC) for p in paths])
 
 
 def pil_to_tensor(images: list) -> torch.Tensor:
@@ -31,15 +31,14 @@ def pil_to_tensor(images: list) -> torch.Tensor:
 
 def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int = 32, lr: float = 2e-3,
              seed: int = 0, log_every: int = 100, restart_every: int = 100, crop: int | None = None,
-             ae_warmup: float = 0.0, ae_noise: float = 0.1, edge_weight: float = 0.0) -> tuple[VQModel, dict]:
+             ae_warmup: float = 0.0, ae_noise: float = 0.1) -> tuple[VQModel, dict]:
     """Train on random `crop`-pixel crops when given (cheaper steps; only for models whose attention and GroupNorm
     statistics do not care about the image size).
 
     The first `ae_warmup` fraction of the steps trains a plain autoencoder on the l2-normalised latents (no
     quantisation: exact gradients, so colours and shapes are learnt quickly); the codebook is then initialised by
     k-means on the latents and training goes on with quantisation, commitment and codebook losses, the encoder at a
-    tenth of the learning rate (the decoder learns the quantised latents while the codes stay put).
-    `edge_weight` adds weight on pixels at colour edges, where shapes differ from one another."""
+    tenth of the learning rate (the decoder learns the quantised latents while the codes stay put)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vq = VQModel(cfg)
@@ -62,7 +61,8 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
             _kmeans_init(vq, images, g)
             opt.param_groups[0]["scale"] = 0.1  # the warmed-up encoder now moves slowly: codes stay put
         out = _autoencode(vq, x, ae_noise) if warm else vq(x)
-        w = _pixel_weights(x, edge_weight)
+        # Shapes cover a small part of each image: weight non-background pixels up so colours are learnt early.
+        w = 1 + 4 * (x < 0.98).any(dim=1, keepdim=True).float()
         err = out.reconstruction - x
         rec = (w * (err.abs() + err.pow(2))).mean() / w.mean()
         loss = rec + out.commit_loss + out.codebook_loss
@@ -87,30 +87,13 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
     return vq.eval(), stats
 
 
-def _pixel_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
-    """Per-pixel loss weights (B, 1, H, W): shapes cover a small part of each image, so non-background pixels
-    weigh 5x (colours are learnt early); with `edge_weight`, pixels next to a colour edge weigh that much more
-    (a circle, a square and a triangle of one colour and size differ only along their outlines)."""
-    w = 1 + 4 * (x < 0.98).any(dim=1, keepdim=True).float()
-    if edge_weight:
-        dx = (x[..., :, 1:] - x[..., :, :-1]).abs().amax(1, keepdim=True) > 0.1
-        dy = (x[..., 1:, :] - x[..., :-1, :]).abs().amax(1, keepdim=True) > 0.1
-        edge = torch.zeros_like(w, dtype=torch.bool)
-        edge[..., :, 1:] |= dx
-        edge[..., :, :-1] |= dx
-        edge[..., 1:, :] |= dy
-        edge[..., :-1, :] |= dy
-        w = w + edge_weight * edge.float()
-    return w
-
-
 def _autoencode(vq: VQModel, x: torch.Tensor, noise: float = 0.0) -> VQOutput:
     """The VQ's encoder and decoder without the quantiser: l2-normalised latents straight to the decoder, with
     Gaussian noise of std `noise` added (and renormalised) in training, so that the encoder spreads distinct
     contents far apart and the decoder tolerates the error that quantisation will bring."""
-    z = torch.nn.functional.normalize(vq._latents(x), dim=-1)
+    z = F.normalize(vq._latents(x), dim=-1)
     if noise and vq.training:
-        z = torch.nn.functional.normalize(z + noise * torch.randn_like(z), dim=-1)
+        z = F.normalize(z + noise * torch.randn_like(z), dim=-1)
     recon = vq.decoder(vq.post_quant_conv(z.permute(0, 3, 1, 2)))
     zero = recon.new_zeros(())
     return VQOutput(recon, torch.zeros(z.shape[:-1], dtype=torch.long).flatten(1), zero, zero, 0.0)
@@ -121,7 +104,7 @@ def _kmeans_init(vq: VQModel, images: torch.Tensor, g: torch.Generator, n: int =
     """Codebook <- k-means centroids (cosine) of the latents of n random images."""
     x = images[torch.randperm(len(images), generator=g)[:n]]
     z = torch.cat([vq._latents(c) for c in x.split(64)]).reshape(-1, vq.cfg.codebook_embed_dim)
-    z = torch.nn.functional.normalize(z, dim=-1)
+    z = F.normalize(z, dim=-1)
     k = vq.cfg.codebook_size
     cent = z[torch.randint(len(z), (k,), generator=g)].clone()
     for _ in range(iters):
@@ -131,7 +114,7 @@ def _kmeans_init(vq: VQModel, images: torch.Tensor, g: torch.Generator, n: int =
         empty = counts == 0
         cent = torch.where(empty[:, None], z[torch.randint(len(z), (k,), generator=g)],
                            sums / counts.clamp(min=1)[:, None])
-        cent = torch.nn.functional.normalize(cent, dim=-1)
+        cent = F.normalize(cent, dim=-1)
     vq.quantize.embedding.weight.copy_(cent + 0.001 * torch.randn(cent.shape, generator=g))
 
 
