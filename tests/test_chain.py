@@ -65,3 +65,69 @@ def test_eval_report(chain_dir, tmp_path):
     assert set(r["cfg_ablation"]) == {1.0, 3.0, 5.0, 7.0}
     assert r["scorer"]["ground_truth"] >= 0.99
     assert "POPE" in (tmp_path / "report.md").read_text() and (tmp_path / "samples.png").exists()
+
+
+def test_chain_records_the_component_gates(chain_dir):
+    vq = json.loads((chain_dir / "vq" / ".done").read_text())
+    assert 0.0 <= vq["reconstruction"]["objects"] <= 1.0 and "semantic" in vq
+    probe = json.loads((chain_dir / "siglip" / ".done").read_text())["probe"]
+    assert set(probe) == {"shape", "color", "size"}
+
+
+def test_cell_labels_follow_the_grid():
+    from januskit.data.world import Obj, Scene
+    from januskit.pretrain.cells import HEADS, cell_labels
+
+    y = cell_labels(Scene([Obj("triangle", "blue", "large", 8, 8), Obj("circle", "red", "small", 40, 56)]))
+    assert y.shape == (3, 4, 4) and int((y[0] > 0).sum()) == 2
+    assert y[:, 0, 0].tolist() == [3, 3, 2]  # triangle (3rd shape), blue (3rd colour), large (2nd size)
+    assert y[0, 3, 2] == 1 and y[2, 3, 2] == 1  # the small circle in row 3, column 2
+    assert all(int(y[i].max()) < k for i, k in enumerate(HEADS))
+
+
+def test_semantic_loss_separates_latents_and_checks_its_labels():
+    import random
+
+    from januskit.data.world import random_scene
+    from januskit.pretrain import vq as vqmod
+    from januskit.pretrain.cells import cell_labels
+
+    vqmod.log.setLevel("WARNING")
+    cfg = preset("januskit-shapes").vq
+    rng = random.Random(0)
+    scenes = [random_scene(rng, n=8) for _ in range(16)]
+    imgs = vqmod.pil_to_tensor([s.render(64) for s in scenes])
+    labels = torch.stack([cell_labels(s) for s in scenes])
+    _, first = train_vq(imgs, cfg, steps=1, batch=8, log_every=1, labels=labels, ae_warmup=1.0)
+    vq, last = train_vq(imgs, cfg, steps=30, batch=8, log_every=30, labels=labels, ae_warmup=1.0)
+    assert last["semantic"] < first["semantic"]
+    assert not vq.quant_conv._forward_hooks  # the training hook is gone from the returned model
+    acc = vqmod.reconstruction_accuracy(vq, scenes[:4])
+    assert 0.0 <= acc["objects"] <= 1.0 and 0.0 <= acc["scenes"] <= 1.0
+    with pytest.raises(ValueError, match="labels"):
+        train_vq(imgs, cfg, steps=1, batch=8, labels=labels[:3])
+
+
+def test_probe_reads_what_the_features_carry():
+    import random
+
+    from januskit.data.world import random_scene
+    from januskit.pretrain.cells import cell_labels
+    from januskit.pretrain.siglip import probe_accuracy
+    from januskit.pretrain.vq import pil_to_tensor
+    from januskit.siglip import VisionTower
+
+    cfg = preset("januskit-shapes").vision
+    rng = random.Random(1)
+
+    def data(n):
+        scenes = [random_scene(rng) for _ in range(n)]
+        return pil_to_tensor([s.render(64) for s in scenes]), torch.stack([cell_labels(s) for s in scenes])
+
+    torch.manual_seed(0)
+    acc = probe_accuracy(VisionTower(cfg).eval(), data(96), data(32), steps=150)
+    # Even a random tower's patch embedding is a linear map of the patch pixels: colour is linearly readable.
+    assert acc["color"] > 0.8 and set(acc) == {"shape", "color", "size"}
+    x, y = data(4)
+    with pytest.raises(ValueError, match="cells"):
+        probe_accuracy(VisionTower(cfg).eval(), (x, y[:, :, :2]), (x, y), steps=1)

@@ -77,3 +77,37 @@ def train_siglip(pixels: torch.Tensor, token_ids: list[list[int]], cfg: SigLIPCo
             stats = {"step": step, "loss": float(loss.detach()), "retrieval_acc": acc, "s": time.time() - t0}
             log.info("siglip %s", stats)
     return vision.eval(), stats
+
+
+@torch.no_grad()
+def probe_accuracy(vision: VisionTower, train: tuple[torch.Tensor, torch.Tensor],
+                   test: tuple[torch.Tensor, torch.Tensor], steps: int = 300) -> dict:
+    """How much of each cell's content a linear read-out of the patch features recovers: one linear probe per
+    attribute, trained on `train` and scored on the occupied cells of `test`; each set is (pixels (N, 3, S, S),
+    cell labels (N, 3, G, G) as `cells.cell_labels` makes them), one patch per cell. The understanding encoder's
+    gate: the LLM cannot answer what the features do not carry."""
+    from .cells import ATTRIBUTES, HEADS
+
+    def feats(px):
+        return torch.cat([vision(c) for c in px.split(64)])  # (N, patches, width)
+
+    (xtr, ytr), (xte, yte) = train, test
+    ftr, fte = feats(xtr), feats(xte)
+    if ftr.shape[1] != ytr[0, 0].numel():
+        raise ValueError(f"probe_accuracy: {ftr.shape[1]} patches for a grid of {ytr[0, 0].numel()} cells")
+    mu, sd = ftr.mean((0, 1)), ftr.std((0, 1)) + 1e-6
+    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    out = {}
+    for i, (name, k) in enumerate(zip(ATTRIBUTES, HEADS)):
+        ytr_i, yte_i = ytr[:, i].flatten(1), yte[:, i].flatten(1)  # (N, cells), raster order as the patches
+        lin = nn.Linear(ftr.shape[-1], k)
+        opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = F.cross_entropy(lin(ftr).flatten(0, 1), ytr_i.flatten())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        occupied = yte_i > 0
+        out[name] = float((lin(fte).argmax(-1) == yte_i)[occupied].float().mean())
+    return out

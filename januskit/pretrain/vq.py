@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from PIL import Image
 
 from ..config import VQConfig
@@ -30,32 +31,44 @@ def pil_to_tensor(images: list) -> torch.Tensor:
 
 
 def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int = 32, lr: float = 2e-3,
-             seed: int = 0, log_every: int = 100, restart_every: int = 100, crop: int | None = None,
-             ae_warmup: float = 0.0, ae_noise: float = 0.1) -> tuple[VQModel, dict]:
-    """Train on random `crop`-pixel crops when given (cheaper steps; only for models whose attention and GroupNorm
-    statistics do not care about the image size).
+             seed: int = 0, log_every: int = 100, restart_every: int = 100,
+             ae_warmup: float = 0.0, ae_noise: float = 0.1, labels: torch.Tensor | None = None,
+             semantic_weight: float = 1.0) -> tuple[VQModel, dict]:
+    """Train on whole images (N, 3, S, S) in [-1, 1].
 
     The first `ae_warmup` fraction of the steps trains a plain autoencoder on the l2-normalised latents (no
     quantisation: exact gradients, so colours and shapes are learnt quickly); the codebook is then initialised by
     k-means on the latents and training goes on with quantisation, commitment and codebook losses, the encoder at a
-    tenth of the learning rate (the decoder learns the quantised latents while the codes stay put)."""
+    tenth of the learning rate (the decoder learns the quantised latents while the codes stay put).
+
+    `labels` (N, heads, h, w), aligned with `images`, adds a semantic loss: linear heads on the l2-normalised latents
+    must read each latent's content (in the shapes world, the shape, colour and size in its grid cell), times
+    `semantic_weight`. It pulls distinct contents apart in the code space from the first steps, which the pixel loss
+    does only slowly for details a few pixels wide (a small circle against a small square)."""
+
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vq = VQModel(cfg)
     enc = list(vq.encoder.parameters()) + list(vq.quant_conv.parameters())
     ids = {id(p) for p in enc}
     rest = [p for p in vq.parameters() if id(p) not in ids]
+    head, latents = None, {}
+    if labels is not None:
+        from .cells import HEADS
+
+        if len(labels) != len(images):
+            raise ValueError(f"train_vq: {len(labels)} labels for {len(images)} images")
+        head = nn.Conv2d(cfg.codebook_embed_dim, sum(HEADS), 1)
+        rest += list(head.parameters())
+        hook = vq.quant_conv.register_forward_hook(lambda m, i, o: latents.__setitem__("z", o))
     opt = torch.optim.AdamW([{"params": enc, "scale": 1.0}, {"params": rest, "scale": 1.0}], lr=lr,
                             betas=(0.9, 0.95), weight_decay=0.0)
     hits = torch.zeros(cfg.codebook_size)
     warmup = int(ae_warmup * steps)
     t0, stats = time.time(), {}
     for step in range(1, steps + 1):
-        x = images[torch.randint(len(images), (batch,), generator=g)]
-        if crop and crop < x.shape[-1]:
-            i, j = (int(v) for v in torch.randint(0, (x.shape[-1] - crop) // vq.cfg.downsample + 1, (2,), generator=g))
-            d = vq.cfg.downsample
-            x = x[:, :, i * d: i * d + crop, j * d: j * d + crop]
+        pick = torch.randint(len(images), (batch,), generator=g)
+        x = images[pick]
         warm = step <= warmup
         if step == warmup + 1 and warmup:
             _kmeans_init(vq, images, g)
@@ -66,6 +79,11 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         err = out.reconstruction - x
         rec = (w * (err.abs() + err.pow(2))).mean() / w.mean()
         loss = rec + out.commit_loss + out.codebook_loss
+        sem = rec.new_zeros(())
+        if head is not None:
+            logits = head(F.normalize(latents["z"], dim=1)).split(HEADS, dim=1)
+            sem = sum(F.cross_entropy(lg, labels[pick][:, i]) for i, lg in enumerate(logits))
+            loss = loss + semantic_weight * sem
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vq.parameters(), 1.0)
@@ -78,9 +96,11 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
             _restart_dead(vq, x, hits, g)
             hits.zero_()
         if step % log_every == 0 or step == steps:
-            stats = {"step": step, "recon": float(rec.detach()), "commit": float(out.commit_loss.detach()), "usage": out.usage,
-                     "s": time.time() - t0}
+            stats = {"step": step, "recon": float(rec.detach()), "semantic": float(sem.detach()),
+                     "commit": float(out.commit_loss.detach()), "usage": out.usage, "s": round(time.time() - t0, 1)}
             log.info("vq %s", stats)
+    if head is not None:
+        hook.remove()
     with torch.no_grad():
         codes = torch.cat([vq.encode(c) for c in images[:512].split(64)])
     stats["codebook_usage"] = codes.unique().numel() / cfg.codebook_size
@@ -126,6 +146,31 @@ def _restart_dead(vq: VQModel, x: torch.Tensor, hits: torch.Tensor, g: torch.Gen
     z = vq._latents(x).reshape(-1, vq.cfg.codebook_embed_dim)
     pick = z[torch.randint(len(z), (len(dead),), generator=g)]
     vq.quantize.embedding.weight[dead] = pick + 0.01 * torch.randn(pick.shape, generator=g)
+
+
+@torch.no_grad()
+def reconstruction_accuracy(vq: VQModel, scenes: list, autoencode: bool = False) -> dict:
+    """Render scenes, reconstruct them (through the quantiser, or without it when `autoencode`), and read them back
+    with the scorer: the fraction of objects found with the right shape, colour and size in the right cell, and of
+    scenes read back exactly."""
+    from ..data.world import cell_of
+    from ..eval.shapescore import detect
+
+    was = vq.training
+    vq.eval()
+    size = vq.cfg.image_size
+    x = pil_to_tensor([s.render(size) for s in scenes])
+    rec = torch.cat([(_autoencode(vq, c).reconstruction if autoencode else vq(c).reconstruction) for c in x.split(64)])
+    arr = ((rec.clamp(-1, 1).permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    found = total = exact = 0
+    for scene, a in zip(scenes, arr):
+        want = {(cell_of(o.x, o.y), o.shape, o.color, o.size) for o in scene.objects}
+        got = {(cell_of(*d.center), d.shape, d.color, d.size) for d in detect(a)}
+        found += len(want & got)
+        total += len(want)
+        exact += want == got
+    vq.train(was)
+    return {"objects": found / total, "scenes": exact / len(scenes)}
 
 
 def image_paths(data_dir: Path) -> list[Path]:
