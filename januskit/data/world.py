@@ -321,11 +321,19 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
         rec["caption"].append({"kind": "caption", "image": img, "text": cap, "scene": sd})
         rec["caption_qa"].append({"kind": "caption_qa", "image": img, "question": "Describe the image in detail.",
                                   "answer": cap, "scene": sd})
-        for q in questions(scene, rng, held_out):
+        qs = questions(scene, rng, held_out)
+        for q in qs:
             rec["vqa"].append({"kind": "vqa", "image": img, **q, "scene": sd})
-            rec["chat"].append({"kind": "chat", "messages": [
-                {"role": "user", "content": f"<image_placeholder>\n{q['question']}", "images": [img]},
-                {"role": "assistant", "content": q["answer"]}], "scene": sd})
+        # SFT chats are multi-turn, as in LLaVA-style data: every question about the image, in a random order (its
+        # own stream, so the rest of the data does not depend on it), each answer a loss target. Several answers per
+        # image make a step's understanding samples carry several times the supervision for a few more tokens.
+        order = random.Random(seed * 1_000_003 + i).sample(qs, len(qs))
+        turns = []
+        for k, q in enumerate(order):
+            first = {"images": [img]} if k == 0 else {}
+            turns += [{"role": "user", "content": ("<image_placeholder>\n" if k == 0 else "") + q["question"], **first},
+                      {"role": "assistant", "content": q["answer"]}]
+        rec["chat"].append({"kind": "chat", "messages": turns, "scene": sd})
         # generation: a GenEval-style prompt, a class name, and sometimes a full caption as the prompt
         spec = random_spec(rng, CATEGORIES[i % len(CATEGORIES)], held_out)
         while spec_text(spec) in reserved:
