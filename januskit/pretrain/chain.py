@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from ..config import preset
 from ..data.world import GRID, build_dataset, random_scene
 from ..processor import JanusProcessor
-from .cells import cell_labels
 from ..weights import build_on_meta, init_weights, load_into
+from .cells import cell_labels
 
 log = logging.getLogger(__name__)
 

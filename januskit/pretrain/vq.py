@@ -82,7 +82,8 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         sem = rec.new_zeros(())
         if head is not None:
             logits = head(F.normalize(latents["z"], dim=1)).split(HEADS, dim=1)
-            sem = sum(F.cross_entropy(lg, labels[pick][:, i]) for i, lg in enumerate(logits))
+            y = labels[pick]  # (batch, heads, h, w)
+            sem = sum(F.cross_entropy(lg, y[:, i]) for i, lg in enumerate(logits))
             loss = loss + semantic_weight * sem
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -160,7 +161,9 @@ def reconstruction_accuracy(vq: VQModel, scenes: list, autoencode: bool = False)
     vq.eval()
     size = vq.cfg.image_size
     x = pil_to_tensor([s.render(size) for s in scenes])
-    rec = torch.cat([(_autoencode(vq, c).reconstruction if autoencode else vq(c).reconstruction) for c in x.split(64)])
+    # vq.encode/decode_codes rather than the training forward, which also records code usage in a buffer.
+    rec = torch.cat([_autoencode(vq, c).reconstruction if autoencode else vq.decode_codes(vq.encode(c))
+                     for c in x.split(64)])
     arr = ((rec.clamp(-1, 1).permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
     found = total = exact = 0
     for scene, a in zip(scenes, arr):
