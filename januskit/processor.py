@@ -113,8 +113,11 @@ class JanusProcessor:
     def __init__(self, tokenizer: Tokenizer, num_image_tokens: int = 576, image_size: int = 384,
                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), background_color=(127, 127, 127),
                  rescale_factor: float = 1 / 255, min_size: int = 14, special: dict[str, str] | None = None,
-                 add_bos: bool | None = None, files: dict[str, dict] | None = None):
+                 add_bos: bool | None = None, files: dict[str, dict] | None = None, system_prompt: str | None = None):
         self.tokenizer = tokenizer
+        # The system turn of understanding chats when a conversation has none (processor_config.json's
+        # `system_prompt`, as the official VLChatProcessor's); "" means no system turn.
+        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else str(system_prompt)
         self.num_image_tokens = int(num_image_tokens)
         self.image_size = int(image_size)
         self.image_mean = tuple(float(x) for x in image_mean)
@@ -171,6 +174,7 @@ class JanusProcessor:
             special=special,
             add_bos=tcfg.get("add_bos_token", True),
             files=files,
+            system_prompt=pcfg.get("system_prompt"),
         )
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -188,6 +192,8 @@ class JanusProcessor:
                                                       USER, ASSISTANT])
         pcfg = dict(self._files.get("processor_config.json") or {})
         pcfg.update(image_tag=self.special["image"], num_image_tokens=self.num_image_tokens)
+        if self.system_prompt != DEFAULT_SYSTEM_PROMPT or "system_prompt" in pcfg:
+            pcfg["system_prompt"] = self.system_prompt
         pcfg.setdefault("sft_format", "deepseek")
         pcfg.setdefault("processor_class", "VLChatProcessor")
         pcfg.setdefault("add_special_token", False)
@@ -214,7 +220,7 @@ class JanusProcessor:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def format_conversation(self, messages: list[dict], system_prompt: str | None = None) -> str:
-        """The official `deepseek` SFT template. `system_prompt=None` uses the default understanding prompt."""
+        """The official `deepseek` SFT template. `system_prompt=None` uses the processor's (`self.system_prompt`)."""
         turns = []
         for i, m in enumerate(messages):
             role = m.get("role") if isinstance(m, dict) else None
@@ -225,7 +231,7 @@ class JanusProcessor:
                 raise ProcessorError(f"message {i}: unknown role {role!r} (use user/assistant/system or "
                                      f"{USER}/{ASSISTANT})")
             turns.append((ROLE_ALIASES[role], str(m.get("content", "")).strip()))
-        system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        system = self.system_prompt if system_prompt is None else system_prompt
         out = system + SEP if system else ""
         for i, (role, content) in enumerate(turns):
             out += f"{role}: {content}{(SEP, SEP2)[i % 2]}" if content else f"{role}:"

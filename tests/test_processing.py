@@ -45,6 +45,19 @@ def test_plain_roles_equal_official_roles(proc, reference):
     assert proc.format_conversation(with_system).startswith("Be brief.\n\n<|User|>:")
 
 
+def test_system_prompt_is_a_processor_setting(proc, tmp_path):
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]
+    official = proc.format_conversation(conv)
+    assert official.startswith(proc.system_prompt) and proc.system_prompt.startswith("You are a helpful")
+    proc.save_pretrained(tmp_path / "same")
+    assert "system_prompt" not in (tmp_path / "same" / "processor_config.json").read_text()  # official files stay as they were
+    none = JanusProcessor(proc.tokenizer, system_prompt="")
+    none.save_pretrained(tmp_path / "none")
+    again = JanusProcessor.from_pretrained(tmp_path / "none")
+    assert again.system_prompt == "" and again.format_conversation(conv) == "<|User|>: Hi\n\n<|Assistant|>:"
+    assert again.format_conversation(conv, system_prompt="Be brief.").startswith("Be brief.\n\n<|User|>:")
+
+
 def test_bos_once_and_tokenization_matches_transformers(proc):
     transformers = pytest.importorskip("transformers")
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(OFFICIAL_TINY / "tokenizer.json"))

@@ -212,9 +212,34 @@ def test_lr_schedule():
     assert lr_at(10, c, 10) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_lr_scale_by_pattern(tmp_path):
+    """The aligner at a tenth of the LR: with Adam (step size ~ lr) its first update is ~10x smaller."""
+    moved = {}
+    for scale in (1.0, 0.1):
+        run = setup(recipe(tmp_path / str(scale), train__stage=2, optim__lr_scale={"aligner.*": scale}), DistEnv(),
+                    data=SyntheticData())
+        before = params(run.model)
+        train_step(run, 0)
+        moved[scale] = {k: (v.detach() - before[k]).abs().max().item() for k, v in run.model.named_parameters()}
+        lrs = sorted(g["lr"] for g in run.optimizer.param_groups)
+        assert lrs == pytest.approx([1e-3 * scale, 1e-3] if scale != 1 else [1e-3, 1e-3])
+    w = "aligner.layers.0.weight"
+    assert moved[0.1][w] == pytest.approx(0.1 * moved[1.0][w], rel=0.05)
+    emb = "language_model.model.embed_tokens.weight"
+    assert moved[0.1][emb] == pytest.approx(moved[1.0][emb], rel=1e-4)
+
+
+def test_lr_scale_errors(tmp_path):
+    with pytest.raises(ValueError, match="'alinger.\\*' matches no parameter"):
+        setup(recipe(tmp_path, optim__lr_scale={"alinger.*": 0.1}), DistEnv(), data=SyntheticData())
+    with pytest.raises(ValueError, match="optim.lr_scale must be > 0"):
+        recipe(tmp_path, optim__lr_scale={"aligner.*": 0.0})
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
-def test_kill_and_resume_matches_uninterrupted(tmp_path):
-    kw = dict(train__stage=3, train__steps=5, checkpoint__every=2, optim__warmup_steps=3)
+@pytest.mark.parametrize("lr_scale", [{}, {"aligner.*": 0.1, "language_model.model.layers.0.*": 0.5}])
+def test_kill_and_resume_matches_uninterrupted(tmp_path, lr_scale):
+    kw = dict(train__stage=3, train__steps=5, checkpoint__every=2, optim__warmup_steps=3, optim__lr_scale=lr_scale)
     full = [s.loss for s in train(recipe(tmp_path / "a", **kw), data=SyntheticData())]
 
     r = recipe(tmp_path / "b", **kw)

@@ -40,7 +40,7 @@ class ChainSize:
     vq_images: int = 12000
 
 
-FULL = ChainSize(scenes=6000, vq_steps=3000, siglip_steps=300, llm_steps=200, stage_steps=(300, 2000, 2000),
+FULL = ChainSize(scenes=6000, vq_steps=3000, siglip_steps=300, llm_steps=200, stage_steps=(300, 2000, 1500),
                  global_batch=32, vq_ae_warmup=0.75)
 FAST = ChainSize(scenes=40, vq_steps=6, siglip_steps=4, llm_steps=4, stage_steps=(2, 2, 2), global_batch=8,
                  vq_images=32)

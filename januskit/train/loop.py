@@ -15,6 +15,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +93,26 @@ def prepare_model(model: nn.Module, recipe: Recipe, env: DistEnv) -> tuple[nn.Mo
         model.to(torch.bfloat16)
     model.to(env.device)
     forward = parallel.parallelize(TrainForward(model), env, t.dtype, t.precision, t.activation_checkpointing)
-    params = [p for p in forward.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    groups = param_groups(parallel.unwrap(forward).model, o.lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     checkpoint.init_adamw_state(optimizer)
     return forward, optimizer
+
+
+def param_groups(model: nn.Module, lr_scale: dict[str, float]) -> list[dict]:
+    """The trainable parameters as AdamW groups: one per `lr_scale` pattern (the first match wins, in the recipe's
+    order) carrying its `lr_scale`, then the rest at scale 1. A pattern that names no parameter is an error."""
+    patterns = list(lr_scale)
+    named = list(model.named_parameters())
+    for pat in patterns:
+        if not any(fnmatchcase(name, pat) for name, _ in named):
+            raise ValueError(f"optim.lr_scale: pattern {pat!r} matches no parameter of the model "
+                             f"(names look like {named[0][0]!r})")
+    buckets: dict[str | None, list] = {pat: [] for pat in patterns} | {None: []}
+    for name, p in named:
+        if p.requires_grad:
+            buckets[next((pat for pat in patterns if fnmatchcase(name, pat)), None)].append(p)
+    return [{"params": ps, "lr_scale": lr_scale.get(pat, 1.0)} for pat, ps in buckets.items() if ps]
 
 
 def build_data(recipe: Recipe, processor, config, vq: nn.Module, env: DistEnv):
@@ -144,7 +161,7 @@ def train_step(run: Run, step: int) -> StepStats:
     t0 = time.perf_counter()
     lr = lr_at(step, run.recipe.optim, t.steps)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]
 
     samples = run.data.next_step(step, t.global_batch)
     micro = split_rows(pack(samples, t.max_len, run.pad_id, packing=t.packing), t.micro_batch,

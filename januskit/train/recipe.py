@@ -74,6 +74,9 @@ class OptimRecipe:
     eps: float = 1e-8
     weight_decay: float = 0.0
     clip: float = 1.0
+    # LR multipliers by fnmatch pattern over parameter names ({"aligner.*" = 0.1}); the first pattern that matches
+    # a parameter wins, the others train at `lr`. The schedule scales every group alike.
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,6 +137,7 @@ class Recipe:
             (o.schedule in SCHEDULES, "optim.schedule", " or ".join(SCHEDULES), o.schedule),
             (o.warmup_steps >= 0, "optim.warmup_steps", ">= 0", o.warmup_steps),
             (o.clip > 0, "optim.clip", "> 0", o.clip),
+            (all(v > 0 for v in o.lr_scale.values()), "optim.lr_scale", "> 0 for every pattern", o.lr_scale),
             (self.checkpoint.every >= 0, "checkpoint.every", ">= 0", self.checkpoint.every),
             (self.checkpoint.keep >= 1, "checkpoint.keep", ">= 1", self.checkpoint.keep),
             (self.feedback.log_every >= 1, "feedback.log_every", ">= 1", self.feedback.log_every),
