@@ -223,8 +223,11 @@ class VQModel(nn.Module):
         h, w = (grid, grid) if isinstance(grid, int) else grid
         if h * w != n:
             raise ValueError(f"{n} codes do not fill a {h}x{w} grid")
-        z = self.embed_codes(codes).reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, C, h, w)
-        z = z.to(self.post_quant_conv.weight.dtype)
+        return self.decode_latents(self.embed_codes(codes).reshape(B, h, w, -1))
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, h, w, C) -> pixels (B, 3, H, W), about [-1, 1]."""
+        z = z.permute(0, 3, 1, 2).to(self.post_quant_conv.weight.dtype)
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, pixels: torch.Tensor) -> VQOutput:
@@ -236,8 +239,7 @@ class VQModel(nn.Module):
         zq = self.quantize.lookup(codes)
         commit = self.quantize.beta * F.mse_loss(zq.detach(), z)
         codebook = F.mse_loss(zq, z.detach())
-        zq = z + (zq - z).detach()
-        recon = self.decoder(self.post_quant_conv(zq.permute(0, 3, 1, 2)))
+        recon = self.decode_latents(z + (zq - z).detach())
         flat = codes.flatten()
         with torch.no_grad():
             used = self.quantize.codebook_used
@@ -247,10 +249,15 @@ class VQModel(nn.Module):
         return VQOutput(recon, codes.flatten(1), commit, codebook, usage)
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoder output (B, 3, H, W) in about [-1, 1] -> (B, H, W, 3) uint8, as the official script converts it
+    (clip, then truncate)."""
+    arr = images.detach().float().cpu().numpy().transpose(0, 2, 3, 1)
+    return np.clip((arr + 1) / 2 * 255, 0, 255).astype(np.uint8)
+
+
 def to_pil(images: torch.Tensor) -> list:
-    """Decoder output (B, 3, H, W) in about [-1, 1] -> PIL images, as the official script converts them."""
+    """Decoder output (B, 3, H, W) in about [-1, 1] -> PIL images (see `to_uint8`)."""
     from PIL import Image
 
-    arr = images.detach().float().cpu().numpy().transpose(0, 2, 3, 1)
-    arr = np.clip((arr + 1) / 2 * 255, 0, 255).astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8(images)]

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..data.world import CATEGORIES, scene_for_spec
+from ..vq import to_uint8
 from .shapescore import check_prompt, detect
 
 
@@ -101,9 +102,8 @@ def scorer_validation(janus, prompts: list[dict], seed: int = 0) -> dict:
         img = scene_for_spec(p["spec"], rng).render(size)
         gt += check_prompt(p["spec"], detect(img))
         x = proc.generation_transform(img, size=size)[None].to(janus.device, janus.dtype)
-        recon = vq.decode_codes(vq.encode(x)).float().clamp(-1, 1)
-        arr = ((recon[0].permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()
-        rec += check_prompt(p["spec"], detect(arr))
+        # converted as generated images are (to_uint8), so this is the ceiling of what generation can score
+        rec += check_prompt(p["spec"], detect(to_uint8(vq.decode_codes(vq.encode(x)))[0]))
     return {"ground_truth": gt / len(prompts), "vq_reconstruction": rec / len(prompts), "n": len(prompts)}
 
 

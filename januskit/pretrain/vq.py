@@ -14,7 +14,7 @@ from torch import nn
 from PIL import Image
 
 from ..config import VQConfig
-from ..vq import VQModel, VQOutput
+from ..vq import VQModel, VQOutput, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _autoencode(vq: VQModel, x: torch.Tensor, noise: float = 0.0) -> VQOutput:
     z = F.normalize(vq._latents(x), dim=-1)
     if noise and vq.training:
         z = F.normalize(z + noise * torch.randn_like(z), dim=-1)
-    recon = vq.decoder(vq.post_quant_conv(z.permute(0, 3, 1, 2)))
+    recon = vq.decode_latents(z)
     zero = recon.new_zeros(())
     return VQOutput(recon, torch.zeros(z.shape[:-1], dtype=torch.long).flatten(1), zero, zero, 0.0)
 
@@ -164,7 +164,7 @@ def reconstruction_accuracy(vq: VQModel, scenes: list, autoencode: bool = False)
     # vq.encode/decode_codes rather than the training forward, which also records code usage in a buffer.
     rec = torch.cat([_autoencode(vq, c).reconstruction if autoencode else vq.decode_codes(vq.encode(c))
                      for c in x.split(64)])
-    arr = ((rec.clamp(-1, 1).permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    arr = to_uint8(rec)
     found = total = exact = 0
     for scene, a in zip(scenes, arr):
         want = {(cell_of(o.x, o.y), o.shape, o.color, o.size) for o in scene.objects}
