@@ -45,6 +45,27 @@ def test_manifests_resolve_and_hold_no_held_out_pairs(tmp_path):
     assert any(e["held_out"] for e in _read(tmp_path / "eval_vqa.jsonl"))
 
 
+def test_lone_shape_questions(tmp_path):
+    """Every other class-name image also gets VQA and a chat about its lone shape: colour, shape, existence."""
+    build_dataset(tmp_path, 20, 0, n_eval=12)
+    lone = {r["image"]: r["scene"]["objects"][0] for r in _read(tmp_path / "class_to_image.jsonl")}
+    vqa = [r for r in _read(tmp_path / "vqa.jsonl") if r["image"] in lone]
+    chats = [r for r in _read(tmp_path / "chat.jsonl") if r["messages"][0]["images"][0] in lone]
+    assert len(chats) == 10 and {r["image"] for r in vqa} == {c["messages"][0]["images"][0] for c in chats}
+    assert {r["qtype"] for r in vqa} >= {"color", "shape", "exist", "count"}
+    for r in vqa:
+        o = lone[r["image"]]
+        if r["qtype"] == "color":
+            assert r["question"] == f"What color is the {o['shape']}?" and r["answer"] == o["color"]
+        if r["qtype"] == "shape":
+            assert r["answer"] == o["shape"]
+    for c in chats:
+        asked = [m["content"].split("\n")[-1] for m in c["messages"][::2]]
+        answers = [m["content"] for m in c["messages"][1::2]]
+        want = {(r["question"], r["answer"]) for r in vqa if r["image"] == c["messages"][0]["images"][0]}
+        assert set(zip(asked, answers)) == want
+
+
 def test_captions_questions_and_balance():
     rng = random.Random(0)
     yes = total = 0
