@@ -462,7 +462,7 @@ def _shapes(vocab_size: int = 1024) -> JanusConfig:
                         num_attention_heads=4, max_position_embeddings=512),
         vision=SigLIPConfig(model_name="siglip_shapes", image_size=64, patch_size=16, width=128, layers=4, heads=4,
                             mlp_ratio=4.0),
-        vq=VQConfig(model_name="VQ-16-shapes", codebook_size=1024, codebook_embed_dim=8, ch=32,
+        vq=VQConfig(model_name="VQ-16-shapes", codebook_size=64, codebook_embed_dim=8, ch=32,
                     ch_mult=(1, 1, 2, 2, 4), z_channels=64, num_res_blocks=1, image_size=64, norm_groups=8),
         name="januskit-shapes",
     )

@@ -100,7 +100,7 @@ def test_semantic_loss_separates_latents_and_checks_its_labels():
     labels = torch.stack([cell_labels(s) for s in scenes])
     _, first = train_vq(imgs, cfg, steps=1, batch=8, log_every=1, labels=labels, ae_warmup=1.0)
     vq, last = train_vq(imgs, cfg, steps=30, batch=8, log_every=30, labels=labels, ae_warmup=1.0)
-    assert last["semantic"] < first["semantic"]
+    assert last["semantic"] < first["semantic"] and last["compact"] < first["compact"]
     assert not vq.quant_conv._forward_hooks  # the training hook is gone from the returned model
     acc = vqmod.reconstruction_accuracy(vq, scenes[:4])
     assert 0.0 <= acc["objects"] <= 1.0 and 0.0 <= acc["scenes"] <= 1.0
@@ -131,3 +131,34 @@ def test_probe_reads_what_the_features_carry():
     x, y = data(4)
     with pytest.raises(ValueError, match="cells"):
         probe_accuracy(VisionTower(cfg).eval(), (x, y[:, :, :2]), (x, y), steps=1)
+
+
+def test_code_entropy_is_zero_for_one_code_per_content_and_counts_noise(monkeypatch):
+    import random
+
+    from januskit.data.world import random_scene
+    from januskit.pretrain import vq as vqmod
+    from januskit.pretrain.cells import cell_labels
+    from januskit.vq import VQModel
+
+    rng = random.Random(2)
+    scenes = [random_scene(rng) for _ in range(40)]
+    vq = VQModel(preset("januskit-shapes").vq).eval()
+    labels = torch.stack([cell_labels(s) for s in scenes]).flatten(2)  # (N, 3, cells)
+    content = (labels[:, 0] * 7 + labels[:, 1]) * 3 + labels[:, 2]  # one code per content
+
+    def encode_as(codes):
+        it = iter(codes.split(64))
+        return lambda x: next(it)
+
+    monkeypatch.setattr(vq, "encode", encode_as(content))
+    exact = vqmod.code_entropy(vq, scenes)
+    assert exact["bits_per_cell"] == 0.0 and exact["empty_codes"] == 1
+    # Empty cells spread over 4 codes at random: up to 2 bits each, weighted by how many cells are empty.
+    noisy = content.clone()
+    empty = content == 0
+    noisy[empty] = torch.randint(0, 4, (int(empty.sum()),), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(vq, "encode", encode_as(noisy))
+    got = vqmod.code_entropy(vq, scenes)
+    share = float(empty.float().mean())
+    assert got["empty_codes"] == 4 and 0.9 * 2 * share < got["bits_per_cell"] <= 2 * share

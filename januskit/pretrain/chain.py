@@ -40,7 +40,7 @@ class ChainSize:
     vq_images: int = 12000
 
 
-FULL = ChainSize(scenes=6000, vq_steps=3000, siglip_steps=300, llm_steps=200, stage_steps=(300, 2000, 1500),
+FULL = ChainSize(scenes=20000, vq_steps=3000, siglip_steps=300, llm_steps=200, stage_steps=(300, 2000, 1500),
                  global_batch=32, vq_ae_warmup=0.75)
 FAST = ChainSize(scenes=40, vq_steps=6, siglip_steps=4, llm_steps=4, stage_steps=(2, 2, 2), global_batch=8,
                  vq_images=32)
@@ -103,6 +103,7 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
         prng = random.Random(seed + 2)
         probe = [random_scene(prng) for _ in range(200 if not fast else 8)]
         stats["reconstruction"] = vq_mod.reconstruction_accuracy(vq, probe)
+        stats["code_entropy"] = vq_mod.code_entropy(vq, probe)
         save_file({f"gen_vision_model.{k}": v.contiguous() for k, v in vq.state_dict().items()}, str(d / "vq.safetensors"))
         return stats
 

@@ -33,7 +33,7 @@ def pil_to_tensor(images: list) -> torch.Tensor:
 def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int = 32, lr: float = 2e-3,
              seed: int = 0, log_every: int = 100, restart_every: int = 100,
              ae_warmup: float = 0.0, ae_noise: float = 0.1, labels: torch.Tensor | None = None,
-             semantic_weight: float = 1.0) -> tuple[VQModel, dict]:
+             semantic_weight: float = 1.0, compact_weight: float = 1.0) -> tuple[VQModel, dict]:
     """Train on whole images (N, 3, S, S) in [-1, 1].
 
     The first `ae_warmup` fraction of the steps trains a plain autoencoder on the l2-normalised latents (no
@@ -44,7 +44,11 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
     `labels` (N, heads, h, w), aligned with `images`, adds a semantic loss: linear heads on the l2-normalised latents
     must read each latent's content (in the shapes world, the shape, colour and size in its grid cell), times
     `semantic_weight`. It pulls distinct contents apart in the code space from the first steps, which the pixel loss
-    does only slowly for details a few pixels wide (a small circle against a small square)."""
+    does only slowly for details a few pixels wide (a small circle against a small square). With it,
+    `compact_weight` pulls every latent towards a learned prototype of its cell's content (a centre loss): the
+    latent of an empty cell then no longer depends on what its neighbours hold, so one content is one code or a
+    few, not hundreds (the generator would otherwise spend its loss on telling apart codes that all decode to the
+    same white cell)."""
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -59,7 +63,9 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         if len(labels) != len(images):
             raise ValueError(f"train_vq: {len(labels)} labels for {len(images)} images")
         head = nn.Conv2d(cfg.codebook_embed_dim, sum(HEADS), 1)
-        rest += list(head.parameters())
+        n_states = HEADS[0] * HEADS[1] * HEADS[2]
+        protos = nn.Embedding(n_states, cfg.codebook_embed_dim)
+        rest += list(head.parameters()) + list(protos.parameters())
         hook = vq.quant_conv.register_forward_hook(lambda m, i, o: latents.__setitem__("z", o))
     opt = torch.optim.AdamW([{"params": enc, "scale": 1.0}, {"params": rest, "scale": 1.0}], lr=lr,
                             betas=(0.9, 0.95), weight_decay=0.0)
@@ -79,12 +85,16 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         err = out.reconstruction - x
         rec = (w * (err.abs() + err.pow(2))).mean() / w.mean()
         loss = rec + out.commit_loss + out.codebook_loss
-        sem = rec.new_zeros(())
+        sem = compact = rec.new_zeros(())
         if head is not None:
             logits = head(F.normalize(latents["z"], dim=1)).split(HEADS, dim=1)
             y = labels[pick]  # (batch, heads, h, w)
             sem = sum(F.cross_entropy(lg, y[:, i]) for i, lg in enumerate(logits))
-            loss = loss + semantic_weight * sem
+            state = (y[:, 0] * HEADS[1] + y[:, 1]) * HEADS[2] + y[:, 2]  # (batch, h, w): one index per content
+            z = F.normalize(latents["z"], dim=1)  # (batch, dim, h, w)
+            proto = F.normalize(protos(state), dim=-1).permute(0, 3, 1, 2)  # (batch, dim, h, w)
+            compact = (1 - (z * proto).sum(1)).mean()
+            loss = loss + semantic_weight * sem + compact_weight * compact
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vq.parameters(), 1.0)
@@ -97,7 +107,7 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
             _restart_dead(vq, x, hits, g)
             hits.zero_()
         if step % log_every == 0 or step == steps:
-            stats = {"step": step, "recon": float(rec.detach()), "semantic": float(sem.detach()),
+            stats = {"step": step, "recon": float(rec.detach()), "semantic": float(sem.detach()), "compact": float(compact.detach()),
                      "commit": float(out.commit_loss.detach()), "usage": out.usage, "s": round(time.time() - t0, 1)}
             log.info("vq %s", stats)
     if head is not None:
@@ -122,12 +132,19 @@ def _autoencode(vq: VQModel, x: torch.Tensor, noise: float = 0.0) -> VQOutput:
 
 @torch.no_grad()
 def _kmeans_init(vq: VQModel, images: torch.Tensor, g: torch.Generator, n: int = 2048, iters: int = 15) -> None:
-    """Codebook <- k-means centroids (cosine) of the latents of n random images."""
+    """Codebook <- k-means centroids (cosine) of the latents of n random images, seeded by k-means++ (so that a rare
+    content far from the others gets a centroid of its own rather than sharing one)."""
     x = images[torch.randperm(len(images), generator=g)[:n]]
     z = torch.cat([vq._latents(c) for c in x.split(64)]).reshape(-1, vq.cfg.codebook_embed_dim)
     z = F.normalize(z, dim=-1)
     k = vq.cfg.codebook_size
-    cent = z[torch.randint(len(z), (k,), generator=g)].clone()
+    cent = z[torch.randint(len(z), (1,), generator=g)]
+    dist = (1 - z @ cent.t()).squeeze(1).clamp(min=0)
+    for _ in range(1, k):
+        pick = torch.multinomial(dist + 1e-12, 1, generator=g) if dist.sum() > 0 else torch.randint(len(z), (1,), generator=g)
+        cent = torch.cat([cent, z[pick]])
+        dist = torch.minimum(dist, (1 - z @ z[pick].t()).squeeze(1).clamp(min=0))
+    cent = cent.clone()
     for _ in range(iters):
         assign = (z @ cent.t()).argmax(1)
         sums = torch.zeros_like(cent).index_add_(0, assign, z)
@@ -174,6 +191,32 @@ def reconstruction_accuracy(vq: VQModel, scenes: list, autoencode: bool = False)
         exact += want == got
     vq.train(was)
     return {"objects": found / total, "scenes": exact / len(scenes)}
+
+
+@torch.no_grad()
+def code_entropy(vq: VQModel, scenes: list) -> dict:
+    """How much a cell's code says beyond its content: the mean conditional entropy (bits) of the code given what
+    the cell holds, over all cells of `scenes`, and the number of distinct codes of empty cells. 0 bits means one
+    code per content; every bit is noise the generator must model without it meaning anything."""
+    from collections import Counter, defaultdict
+
+    from .cells import cell_labels
+
+    x = pil_to_tensor([s.render(vq.cfg.image_size) for s in scenes])
+    codes = torch.cat([vq.encode(c) for c in x.split(64)]).reshape(len(scenes), -1)  # (N, cells) raster order
+    by_content: dict[tuple, Counter] = defaultdict(Counter)
+    for scene, row in zip(scenes, codes.tolist()):
+        labels = cell_labels(scene).flatten(1).t().tolist()  # (cells, 3)
+        if len(labels) != len(row):
+            raise ValueError(f"code_entropy: {len(row)} codes an image for a grid of {len(labels)} cells")
+        for content, code in zip(labels, row):
+            by_content[tuple(content)][code] += 1
+    bits = 0.0
+    for counts in by_content.values():
+        n = sum(counts.values())
+        bits -= sum(c * np.log2(c / n) for c in counts.values())
+    empty = by_content.get((0, 0, 0), Counter())
+    return {"bits_per_cell": round(float(bits) / codes.numel(), 3), "empty_codes": len(empty)}
 
 
 def image_paths(data_dir: Path) -> list[Path]:
