@@ -162,3 +162,28 @@ def test_code_entropy_is_zero_for_one_code_per_content_and_counts_noise(monkeypa
     got = vqmod.code_entropy(vq, scenes)
     share = float(empty.float().mean())
     assert got["empty_codes"] == 4 and 0.9 * 2 * share < got["bits_per_cell"] <= 2 * share
+
+
+def test_merge_codes_leaves_one_code_per_content_group():
+    import random
+
+    from januskit.data.world import random_scene
+    from januskit.pretrain import vq as vqmod
+    from januskit.pretrain.cells import cell_labels
+    from januskit.vq import VQModel
+
+    torch.manual_seed(0)
+    rng = random.Random(3)
+    scenes = [random_scene(rng, n=rng.randint(1, 8)) for _ in range(24)]
+    imgs = vqmod.pil_to_tensor([s.render(64) for s in scenes])
+    labels = torch.stack([cell_labels(s) for s in scenes])
+    vq = VQModel(preset("januskit-shapes").vq).eval()
+    before = {k: v.clone() for k, v in vq.decoder.state_dict().items()}
+    info = vqmod.merge_codes(vq, imgs, labels, steps=2, batch=4)
+    assert info["contents"] <= info["codes_before"] and info["finetune_loss"] > 0
+    used = vq.encode(imgs).unique()
+    vectors = vq.quantize.embedding.weight[used]
+    assert len(torch.unique(vectors, dim=0)) == len(used) <= info["contents"]  # merged codes share one vector
+    assert any(not torch.equal(before[k], v) for k, v in vq.decoder.state_dict().items())  # decoder fine-tuned
+    with pytest.raises(ValueError, match="labelled cells"):
+        vqmod.merge_codes(vq, imgs, labels[:, :, :2], steps=0)

@@ -118,6 +118,54 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
     return vq.eval(), stats
 
 
+def merge_codes(vq: VQModel, images: torch.Tensor, labels: torch.Tensor, steps: int = 300, batch: int = 8,
+                lr: float = 3e-4, seed: int = 0, sample: int = 2048) -> dict:
+    """One code per content: codes whose cells hold the same thing (by majority over `sample` labelled images) are
+    merged into one, their vectors set to the group's centroid (ties resolve to the group's lowest id; unused codes
+    join the nearest group), then the
+    decoder is fine-tuned on the merged codes for `steps` (encoder and codebook frozen). What is left of a code
+    beyond its content (which neighbour it had, say) is noise to the generator and nothing to the picture."""
+    from .cells import HEADS
+
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(images), generator=g)[:sample]
+    with torch.no_grad():
+        z = F.normalize(torch.cat([vq._latents(c) for c in images[pick].split(64)]), dim=-1).flatten(0, 2)  # (P, C)
+        codes = vq.quantize.nearest(z)  # (P,)
+        y = labels[pick]  # (n, heads, h, w)
+        content = ((y[:, 0] * HEADS[1] + y[:, 1]) * HEADS[2] + y[:, 2]).flatten()  # (P,), cells in raster order
+        if len(content) != len(codes):
+            raise ValueError(f"merge_codes: {len(codes)} latents for {len(content)} labelled cells")
+        groups: dict[int, list[int]] = {}
+        for code in codes.unique().tolist():
+            majority = int(content[codes == code].mode().values)
+            groups.setdefault(majority, []).append(code)
+        w = vq.quantize.embedding.weight
+        centroids = torch.stack([F.normalize(z[torch.isin(codes, torch.tensor(m))].mean(0), dim=-1)
+                                 for m in groups.values()])  # (contents, C)
+        for members, c in zip(groups.values(), centroids):
+            w[members] = c
+        # A code no sampled cell chose joins the group nearest to it, lest it win latents once the others moved.
+        dead = torch.tensor(sorted(set(range(len(w))) - set(codes.unique().tolist())), dtype=torch.long)
+        if len(dead):
+            w[dead] = centroids[(F.normalize(w[dead], dim=-1) @ centroids.t()).argmax(1)]
+    dec = list(vq.decoder.parameters()) + list(vq.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(dec, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    for _ in range(steps):
+        x = images[torch.randint(len(images), (batch,), generator=g)]
+        with torch.no_grad():
+            zq = vq.quantize.lookup(vq.encode(x)).reshape(len(x), *vq._latents(x[:1]).shape[1:3], -1)
+        err = vq.decode_latents(zq) - x
+        w8 = 1 + 4 * (x < 0.98).any(dim=1, keepdim=True).float()
+        loss = (w8 * (err.abs() + err.pow(2))).mean() / w8.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dec, 1.0)
+        opt.step()
+    vq.eval()
+    return {"codes_before": int(codes.unique().numel()), "contents": len(groups), "finetune_loss": float(loss.detach())}
+
+
 def _autoencode(vq: VQModel, x: torch.Tensor, noise: float = 0.0) -> VQOutput:
     """The VQ's encoder and decoder without the quantiser: l2-normalised latents straight to the decoder, with
     Gaussian noise of std `noise` added (and renormalised) in training, so that the encoder spreads distinct
