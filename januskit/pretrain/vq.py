@@ -80,10 +80,7 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
             _kmeans_init(vq, images, g)
             opt.param_groups[0]["scale"] = 0.1  # the warmed-up encoder now moves slowly: codes stay put
         out = _autoencode(vq, x, ae_noise) if warm else vq(x)
-        # Shapes cover a small part of each image: weight non-background pixels up so colours are learnt early.
-        w = 1 + 4 * (x < 0.98).any(dim=1, keepdim=True).float()
-        err = out.reconstruction - x
-        rec = (w * (err.abs() + err.pow(2))).mean() / w.mean()
+        rec = _recon_loss(out.reconstruction, x)
         loss = rec + out.commit_loss + out.codebook_loss
         sem = compact = rec.new_zeros(())
         if head is not None:
@@ -116,6 +113,14 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         codes = torch.cat([vq.encode(c) for c in images[:512].split(64)])
     stats["codebook_usage"] = codes.unique().numel() / cfg.codebook_size
     return vq.eval(), stats
+
+
+def _recon_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 + L2, with non-background pixels weighted 5x: shapes cover a small part of each image, and the weight
+    makes their colours learnt early."""
+    w = 1 + 4 * (x < 0.98).any(dim=1, keepdim=True).float()
+    err = recon - x
+    return (w * (err.abs() + err.pow(2))).mean() / w.mean()
 
 
 def merge_codes(vq: VQModel, images: torch.Tensor, labels: torch.Tensor, steps: int = 300, batch: int = 8,
@@ -155,9 +160,7 @@ def merge_codes(vq: VQModel, images: torch.Tensor, labels: torch.Tensor, steps: 
         x = images[torch.randint(len(images), (batch,), generator=g)]
         with torch.no_grad():
             zq = vq.quantize.lookup(vq.encode(x)).reshape(len(x), *vq._latents(x[:1]).shape[1:3], -1)
-        err = vq.decode_latents(zq) - x
-        w8 = 1 + 4 * (x < 0.98).any(dim=1, keepdim=True).float()
-        loss = (w8 * (err.abs() + err.pow(2))).mean() / w8.mean()
+        loss = _recon_loss(vq.decode_latents(zq), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec, 1.0)
