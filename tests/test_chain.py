@@ -76,13 +76,15 @@ def test_chain_records_the_component_gates(chain_dir):
 
 def test_cell_labels_follow_the_grid():
     from januskit.data.world import Obj, Scene
-    from januskit.pretrain.cells import HEADS, cell_labels
+    from januskit.pretrain.cells import HEADS, cell_labels, content_index
 
     y = cell_labels(Scene([Obj("triangle", "blue", "large", 8, 8), Obj("circle", "red", "small", 40, 56)]))
     assert y.shape == (3, 4, 4) and int((y[0] > 0).sum()) == 2
     assert y[:, 0, 0].tolist() == [3, 3, 2]  # triangle (3rd shape), blue (3rd colour), large (2nd size)
     assert y[0, 3, 2] == 1 and y[2, 3, 2] == 1  # the small circle in row 3, column 2
     assert all(int(y[i].max()) < k for i, k in enumerate(HEADS))
+    idx = content_index(y)  # one index per content, 0 for an empty cell, distinct for the two shapes
+    assert idx.shape == (4, 4) and int((idx > 0).sum()) == 2 and idx[0, 0] != idx[3, 2]
 
 
 def test_semantic_loss_separates_latents_and_checks_its_labels():
@@ -138,14 +140,13 @@ def test_code_entropy_is_zero_for_one_code_per_content_and_counts_noise(monkeypa
 
     from januskit.data.world import random_scene
     from januskit.pretrain import vq as vqmod
-    from januskit.pretrain.cells import cell_labels
+    from januskit.pretrain.cells import cell_labels, content_index
     from januskit.vq import VQModel
 
     rng = random.Random(2)
     scenes = [random_scene(rng) for _ in range(40)]
     vq = VQModel(preset("januskit-shapes").vq).eval()
-    labels = torch.stack([cell_labels(s) for s in scenes]).flatten(2)  # (N, 3, cells)
-    content = (labels[:, 0] * 7 + labels[:, 1]) * 3 + labels[:, 2]  # one code per content
+    content = content_index(torch.stack([cell_labels(s) for s in scenes])).flatten(1)  # one code per content
 
     def encode_as(codes):
         it = iter(codes.split(64))

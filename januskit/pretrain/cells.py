@@ -19,3 +19,8 @@ def cell_labels(scene: Scene) -> torch.Tensor:
         r, c = cell_of(o.x, o.y)
         y[:, r, c] = torch.tensor([1 + SHAPES.index(o.shape), 1 + _COLORS.index(o.color), 1 + _SIZES.index(o.size)])
     return y
+
+
+def content_index(labels: torch.Tensor) -> torch.Tensor:
+    """(..., 3, h, w) label triples -> (..., h, w) one index per cell content (0 = empty), below prod(HEADS)."""
+    return (labels[..., 0, :, :] * HEADS[1] + labels[..., 1, :, :]) * HEADS[2] + labels[..., 2, :, :]

@@ -58,7 +58,7 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
     rest = [p for p in vq.parameters() if id(p) not in ids]
     head, latents = None, {}
     if labels is not None:
-        from .cells import HEADS
+        from .cells import HEADS, content_index
 
         if len(labels) != len(images):
             raise ValueError(f"train_vq: {len(labels)} labels for {len(images)} images")
@@ -84,12 +84,11 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
         loss = rec + out.commit_loss + out.codebook_loss
         sem = compact = rec.new_zeros(())
         if head is not None:
-            logits = head(F.normalize(latents["z"], dim=1)).split(HEADS, dim=1)
+            z = F.normalize(latents["z"], dim=1)  # (batch, dim, h, w)
+            logits = head(z).split(HEADS, dim=1)
             y = labels[pick]  # (batch, heads, h, w)
             sem = sum(F.cross_entropy(lg, y[:, i]) for i, lg in enumerate(logits))
-            state = (y[:, 0] * HEADS[1] + y[:, 1]) * HEADS[2] + y[:, 2]  # (batch, h, w): one index per content
-            z = F.normalize(latents["z"], dim=1)  # (batch, dim, h, w)
-            proto = F.normalize(protos(state), dim=-1).permute(0, 3, 1, 2)  # (batch, dim, h, w)
+            proto = F.normalize(protos(content_index(y)), dim=-1).permute(0, 3, 1, 2)  # (batch, dim, h, w)
             compact = (1 - (z * proto).sum(1)).mean()
             loss = loss + semantic_weight * sem + compact_weight * compact
         opt.zero_grad(set_to_none=True)
@@ -104,8 +103,8 @@ def train_vq(images: torch.Tensor, cfg: VQConfig, steps: int = 1500, batch: int 
             _restart_dead(vq, x, hits, g)
             hits.zero_()
         if step % log_every == 0 or step == steps:
-            stats = {"step": step, "recon": float(rec.detach()), "semantic": float(sem.detach()), "compact": float(compact.detach()),
-                     "commit": float(out.commit_loss.detach()), "usage": out.usage, "s": round(time.time() - t0, 1)}
+            stats = {"step": step, "recon": float(rec.detach()), "semantic": float(sem.detach()),
+                     "compact": float(compact.detach()), "commit": float(out.commit_loss.detach()), "usage": out.usage, "s": round(time.time() - t0, 1)}
             log.info("vq %s", stats)
     if head is not None:
         hook.remove()
@@ -127,22 +126,22 @@ def merge_codes(vq: VQModel, images: torch.Tensor, labels: torch.Tensor, steps: 
                 lr: float = 3e-4, seed: int = 0, sample: int = 2048) -> dict:
     """One code per content: codes whose cells hold the same thing (by majority over `sample` labelled images) are
     merged into one, their vectors set to the group's centroid (ties resolve to the group's lowest id; unused codes
-    join the nearest group), then the
-    decoder is fine-tuned on the merged codes for `steps` (encoder and codebook frozen). What is left of a code
-    beyond its content (which neighbour it had, say) is noise to the generator and nothing to the picture."""
-    from .cells import HEADS
+    join the nearest group), then the decoder is fine-tuned on the merged codes for `steps` (encoder and codebook
+    frozen). What is left of a code beyond its content (which neighbour it had, say) is noise to the generator and
+    nothing to the picture."""
+    from .cells import content_index
 
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(images), generator=g)[:sample]
     with torch.no_grad():
         z = F.normalize(torch.cat([vq._latents(c) for c in images[pick].split(64)]), dim=-1).flatten(0, 2)  # (P, C)
         codes = vq.quantize.nearest(z)  # (P,)
-        y = labels[pick]  # (n, heads, h, w)
-        content = ((y[:, 0] * HEADS[1] + y[:, 1]) * HEADS[2] + y[:, 2]).flatten()  # (P,), cells in raster order
+        used = codes.unique().tolist()
+        content = content_index(labels[pick]).flatten()  # (P,), cells in raster order
         if len(content) != len(codes):
             raise ValueError(f"merge_codes: {len(codes)} latents for {len(content)} labelled cells")
         groups: dict[int, list[int]] = {}
-        for code in codes.unique().tolist():
+        for code in used:
             majority = int(content[codes == code].mode().values)
             groups.setdefault(majority, []).append(code)
         w = vq.quantize.embedding.weight
@@ -151,7 +150,7 @@ def merge_codes(vq: VQModel, images: torch.Tensor, labels: torch.Tensor, steps: 
         for members, c in zip(groups.values(), centroids):
             w[members] = c
         # A code no sampled cell chose joins the group nearest to it, lest it win latents once the others moved.
-        dead = torch.tensor(sorted(set(range(len(w))) - set(codes.unique().tolist())), dtype=torch.long)
+        dead = torch.tensor(sorted(set(range(len(w))) - set(used)), dtype=torch.long)
         if len(dead):
             w[dead] = centroids[(F.normalize(w[dead], dim=-1) @ centroids.t()).argmax(1)]
     dec = list(vq.decoder.parameters()) + list(vq.post_quant_conv.parameters())
@@ -159,14 +158,14 @@ def merge_codes(vq: VQModel, images: torch.Tensor, labels: torch.Tensor, steps: 
     for _ in range(steps):
         x = images[torch.randint(len(images), (batch,), generator=g)]
         with torch.no_grad():
-            zq = vq.quantize.lookup(vq.encode(x)).reshape(len(x), *vq._latents(x[:1]).shape[1:3], -1)
+            zq = vq.quantize.lookup(vq.quantize.nearest(vq._latents(x)))  # (batch, h, w, C)
         loss = _recon_loss(vq.decode_latents(zq), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec, 1.0)
         opt.step()
     vq.eval()
-    return {"codes_before": int(codes.unique().numel()), "contents": len(groups), "finetune_loss": float(loss.detach())}
+    return {"codes_before": len(used), "contents": len(groups), "finetune_loss": float(loss.detach())}
 
 
 def _autoencode(vq: VQModel, x: torch.Tensor, noise: float = 0.0) -> VQOutput:
@@ -251,22 +250,21 @@ def code_entropy(vq: VQModel, scenes: list) -> dict:
     code per content; every bit is noise the generator must model without it meaning anything."""
     from collections import Counter, defaultdict
 
-    from .cells import cell_labels
+    from .cells import cell_labels, content_index
 
     x = pil_to_tensor([s.render(vq.cfg.image_size) for s in scenes])
     codes = torch.cat([vq.encode(c) for c in x.split(64)]).reshape(len(scenes), -1)  # (N, cells) raster order
-    by_content: dict[tuple, Counter] = defaultdict(Counter)
-    for scene, row in zip(scenes, codes.tolist()):
-        labels = cell_labels(scene).flatten(1).t().tolist()  # (cells, 3)
-        if len(labels) != len(row):
-            raise ValueError(f"code_entropy: {len(row)} codes an image for a grid of {len(labels)} cells")
-        for content, code in zip(labels, row):
-            by_content[tuple(content)][code] += 1
+    contents = content_index(torch.stack([cell_labels(s) for s in scenes])).flatten(1)  # (N, cells)
+    if contents.shape != codes.shape:
+        raise ValueError(f"code_entropy: {codes.shape[1]} codes an image for a grid of {contents.shape[1]} cells")
+    by_content: dict[int, Counter] = defaultdict(Counter)
+    for content, code in zip(contents.flatten().tolist(), codes.flatten().tolist()):
+        by_content[content][code] += 1
     bits = 0.0
     for counts in by_content.values():
         n = sum(counts.values())
         bits -= sum(c * np.log2(c / n) for c in counts.values())
-    empty = by_content.get((0, 0, 0), Counter())
+    empty = by_content.get(0, Counter())
     return {"bits_per_cell": round(float(bits) / codes.numel(), 3), "empty_codes": len(empty)}
 
 
