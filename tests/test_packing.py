@@ -87,9 +87,11 @@ def test_unpacked_is_one_sample_per_row_right_padded():
     samples = [make(5, 1), make(3, 2), make(4, 3)]
     b = pack(samples, max_len=8, pad_id=PAD, packing=False)
     assert b.input_ids.shape == (3, 5)
-    assert b.input_ids[1].tolist() == [200, 201, 202, PAD, PAD]
-    assert b.doc_ids[1].tolist() == [0, 0, 0, -1, -1]
-    assert b.positions[2].tolist() == [0, 1, 2, 3, 0]
+    # longest first, so that consecutive rows (a micro-batch) hold similar lengths
+    assert b.input_ids[1].tolist() == [300, 301, 302, 303, PAD]
+    assert b.input_ids[2].tolist() == [200, 201, 202, PAD, PAD]
+    assert b.doc_ids[2].tolist() == [0, 0, 0, -1, -1]
+    assert b.positions[1].tolist() == [0, 1, 2, 3, 0]
     assert pack(samples, max_len=8, pad_id=PAD, packing=False, pad_to_max=True).input_ids.shape == (3, 8)
 
 

@@ -108,3 +108,17 @@ def test_scorer_rejects_wrong_images():
     flipped = dict(spec, relation={"a": 0, "rel": "below", "b": 1})
     img = scene_for_spec(spec, rng).render(64)
     assert check_prompt(spec, detect(img)) and not check_prompt(flipped, detect(img))
+
+
+def test_spec_scenes_lay_objects_out_in_the_order_named():
+    rng = random.Random(3)
+    reading = lambda o: (o.y, o.x)  # noqa: E731
+    for _ in range(60):
+        cat = rng.choice(("two_objects", "color_attr", "position"))
+        spec = random_spec(rng, cat)
+        scene = scene_for_spec(spec, rng)
+        assert check_prompt(spec, detect(scene.render(64))), spec
+        firsts = [next(o for o in scene.objects if o.shape == want["shape"]) for want in spec["objects"]]
+        rel = (spec.get("relation") or {}).get("rel")
+        before = reading(firsts[1]) < reading(firsts[0]) if rel == "below" else reading(firsts[0]) < reading(firsts[1])
+        assert before, (spec_text(spec), scene.to_dict())

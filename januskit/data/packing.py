@@ -19,7 +19,8 @@ def _rows(samples: list[Sample], max_len: int, packing: bool) -> list[list[int]]
         if len(s) > max_len:
             raise ValueError(f"sample {i} ({s.kind}) has {len(s)} tokens, more than max_len={max_len}")
     if not packing:
-        return [[i] for i in range(len(samples))]
+        # Longest first (stable), so consecutive rows, and so each micro-batch, hold samples of similar length.
+        return [[i] for i in sorted(range(len(samples)), key=lambda i: -len(samples[i]))]
     rows: list[list[int]] = []
     room: list[int] = []
     # Stable sort: equal lengths keep their input order, so the layout is a function of the inputs only.
@@ -39,7 +40,7 @@ def _rows(samples: list[Sample], max_len: int, packing: bool) -> list[list[int]]
 def pack(samples: list[Sample], max_len: int, pad_id: int, packing: bool = True, pad_to_max: bool = False) -> Batch:
     """Samples -> a `Batch` of rows of at most `max_len` tokens.
 
-    `packing=True` fills rows first-fit-decreasing; `packing=False` puts one sample per row. Rows are
+    `packing=True` fills rows first-fit-decreasing; `packing=False` puts one sample per row, longest first. Rows are
     right-padded to the longest row, or to `max_len` with `pad_to_max` (fixed shapes for compiled steps).
     `pixel_values` are concatenated in row-major order of the understanding-image blocks, the order in which
     `JanusModel.embed` consumes them. A sample longer than `max_len` is an error: builders reject those.

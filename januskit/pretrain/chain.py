@@ -41,7 +41,7 @@ class ChainSize:
     vq_merge_steps: int = 300
 
 
-FULL = ChainSize(scenes=20000, vq_steps=3000, siglip_steps=300, llm_steps=200, stage_steps=(300, 2500, 2000),
+FULL = ChainSize(scenes=30000, vq_steps=3000, siglip_steps=300, llm_steps=200, stage_steps=(300, 6000, 2000),
                  global_batch=32, vq_ae_warmup=0.75)
 FAST = ChainSize(scenes=40, vq_steps=6, siglip_steps=4, llm_steps=4, stage_steps=(2, 2, 2), global_batch=8,
                  vq_images=32, vq_merge_steps=2)
@@ -88,11 +88,12 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     config.llm.vocab_size = vocab
 
     def vq_step(d):
-        # The tokenizer's images: scenes of the same world but denser (1-16 shapes, no held-out pairs), as a
-        # tokenizer is trained on broad image data: several times more shape pixels a step, and GroupNorm
-        # statistics that are not all background.
+        # The tokenizer's images: scenes of the same world but denser (1-16 shapes), as a tokenizer is trained on
+        # broad image data: several times more shape pixels a step, and GroupNorm statistics that are not all
+        # background. They include the held-out pairs (images only, no text), as LlamaGen's VQ saw all of ImageNet:
+        # the generator can draw a purple triangle only if the LLM composes "purple" and "triangle" itself.
         rng = random.Random(seed + 1)
-        dense = [random_scene(rng, n=rng.randint(1, GRID * GRID)) for _ in range(size.vq_images)]
+        dense = [random_scene(rng, allow_held_out=True, n=rng.randint(1, GRID * GRID)) for _ in range(size.vq_images)]
         imgs = vq_mod.pil_to_tensor([s.render(config.vq.image_size) for s in dense])
         # Whole images (the mid-block attention and GroupNorm statistics see the whole grid), batch 8: ~0.2 s a
         # step on 2 cores. A plain-autoencoder warm-up learns colours and shapes first (exact gradients); k-means

@@ -42,14 +42,16 @@ def lr_at(step: int, optim: OptimRecipe, total_steps: int) -> float:
 
 # ---------------------------------------------------------------------------------------------- batches
 def split_rows(batch: Batch, rows: int, num_image_tokens: int) -> list[Batch]:
-    """Split a packed batch into micro-batches of at most `rows` rows, each with its own images."""
+    """Split a packed batch into micro-batches of at most `rows` rows, each with its own images and cut to the
+    length of its longest row."""
     B = batch.input_ids.shape[0]
     images_per_row = (batch.und_mask.sum(1) // num_image_tokens).tolist()  # (B,)
     out, first_image = [], 0
     for start in range(0, B, rows):
         stop = min(start + rows, B)
         n_images = int(sum(images_per_row[start:stop]))
-        fields = {k: v[start:stop] for k, v in batch.__dict__.items()
+        T = int((batch.doc_ids[start:stop] >= 0).sum(1).max())
+        fields = {k: v[start:stop, :T] for k, v in batch.__dict__.items()
                   if isinstance(v, torch.Tensor) and k != "pixel_values"}
         pixels = batch.pixel_values[first_image:first_image + n_images]
         first_image += n_images

@@ -47,7 +47,9 @@ class TrainForward(nn.Module):
         model = self.model
         features = model.image_features(pixel_values.to(model.decoder.embed_tokens.weight.dtype))  # (N, n_img, D)
         embeds = model.embed(input_ids, und_mask, image_features=features, gen_codes=gen_codes)  # (B, T, D)
-        hidden = model.decoder(embeds, positions=positions, mask=document_mask(doc_ids))  # (B, T, D)
+        # Rows of one sample each (right-padded) need only the causal mask: SDPA's fast is_causal path.
+        mask = document_mask(doc_ids) if bool((doc_ids > 0).any()) else None
+        hidden = model.decoder(embeds, positions=positions, mask=mask)  # (B, T, D)
 
         text_sel = text_targets != IGNORE
         image_sel = image_targets != IGNORE
