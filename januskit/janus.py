@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AlignerConfig, GenHeadConfig, JanusConfig
+from .kernels import Linear
 from .llama import LlamaLM
 from .siglip import VisionTower
 from .vq import VQModel
@@ -25,11 +26,11 @@ class MlpProjector(nn.Module):
         if cfg.projector_type == "identity":
             layers = [nn.Identity()]
         elif cfg.projector_type == "linear":
-            layers = [nn.Linear(cfg.input_dim, cfg.n_embed)]
+            layers = [Linear(cfg.input_dim, cfg.n_embed)]
         else:
-            layers = [nn.Linear(cfg.input_dim, cfg.n_embed)]
+            layers = [Linear(cfg.input_dim, cfg.n_embed)]
             for _ in range(cfg.depth - 1):
-                layers += [nn.GELU(), nn.Linear(cfg.n_embed, cfg.n_embed)]
+                layers += [nn.GELU(), Linear(cfg.n_embed, cfg.n_embed)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -41,8 +42,8 @@ class GenHead(nn.Module):
 
     def __init__(self, cfg: GenHeadConfig):
         super().__init__()
-        self.output_mlp_projector = nn.Linear(cfg.n_embed, cfg.image_token_embed)
-        self.vision_head = nn.Linear(cfg.image_token_embed, cfg.image_token_size)
+        self.output_mlp_projector = Linear(cfg.n_embed, cfg.image_token_embed)
+        self.vision_head = Linear(cfg.image_token_embed, cfg.image_token_size)
 
     def forward(self, x):
         return self.vision_head(F.gelu(self.output_mlp_projector(x)))

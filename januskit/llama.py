@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LlamaConfig
+from .kernels import Linear, decode_attention
 
 
 class RMSNorm(nn.Module):
@@ -80,10 +81,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(d, self.n_head * self.hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_head * self.hd, d, bias=bias)
+        self.q_proj = Linear(d, self.n_head * self.hd, bias=bias)
+        self.k_proj = Linear(d, self.n_kv * self.hd, bias=bias)
+        self.v_proj = Linear(d, self.n_kv * self.hd, bias=bias)
+        self.o_proj = Linear(self.n_head * self.hd, d, bias=bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
@@ -94,6 +95,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, k, v)  # (B, n_kv, S, hd)
+            if T == 1:  # a decode step: one query per row against the cache (GQA handled inside)
+                y = decode_attention(q, k, v, mask, self.hd ** -0.5)
+                if y is not None:
+                    return self.o_proj(y.reshape(B, self.n_head * self.hd)).view(B, 1, -1)
         if self.n_kv != self.n_head:
             rep = self.n_head // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -113,9 +118,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         shape = x.shape
@@ -214,4 +219,4 @@ class LlamaLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaDecoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

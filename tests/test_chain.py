@@ -32,6 +32,38 @@ def test_chain_exports_a_loadable_model(chain_dir):
     assert set(timings) >= {"data", "tokenizer", "vq", "siglip", "llm", "stage1", "stage2", "stage3"}
 
 
+def test_sincos_table_is_distinct_per_cell_and_unit_scale():
+    from januskit.pretrain.siglip import sincos_2d
+
+    t = sincos_2d(4, 128)
+    assert t.shape == (16, 128)
+    assert torch.cdist(t, t).add(torch.eye(16) * 1e9).min() > 1.0  # no two cells alike
+    assert abs(float(t.pow(2).mean().sqrt()) - 1.0) < 0.05
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_2d(4, 130)
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(chain_dir, monkeypatch):
+    import shutil
+
+    import januskit.train.loop as loop
+
+    # Take stage 3 back to "interrupted after its checkpoint": final weights gone, checkpoints kept.
+    shutil.rmtree(chain_dir / "stage3" / "final")
+    shutil.rmtree(chain_dir / "model")
+    seen = {}
+    real = loop.train
+
+    def spy(recipe, resume=None, **kw):
+        seen["resume"] = resume
+        return real(recipe, resume=resume, **kw)
+
+    monkeypatch.setattr(loop, "train", spy)
+    run_chain(chain_dir, fast=True)
+    assert seen["resume"] == "latest"
+    assert (chain_dir / "model" / "model.safetensors").exists()
+
+
 def test_chain_resumes_by_skipping_finished_steps(chain_dir):
     before = (chain_dir / "model" / "model.safetensors").stat().st_mtime
     run_chain(chain_dir, fast=True)
@@ -71,7 +103,7 @@ def test_chain_records_the_component_gates(chain_dir):
     vq = json.loads((chain_dir / "vq" / ".done").read_text())
     assert 0.0 <= vq["reconstruction"]["objects"] <= 1.0 and "semantic" in vq
     probe = json.loads((chain_dir / "siglip" / ".done").read_text())["probe"]
-    assert set(probe) == {"shape", "color", "size"}
+    assert set(probe) == {"shape", "color", "size", "position"}
 
 
 def test_cell_labels_follow_the_grid():
@@ -115,7 +147,7 @@ def test_probe_reads_what_the_features_carry():
 
     from januskit.data.world import random_scene
     from januskit.pretrain.cells import cell_labels
-    from januskit.pretrain.siglip import probe_accuracy
+    from januskit.pretrain.siglip import probe_accuracy, sincos_2d
     from januskit.pretrain.vq import pil_to_tensor
     from januskit.siglip import VisionTower
 
@@ -129,7 +161,21 @@ def test_probe_reads_what_the_features_carry():
     torch.manual_seed(0)
     acc = probe_accuracy(VisionTower(cfg).eval(), data(96), data(32), steps=150)
     # Even a random tower's patch embedding is a linear map of the patch pixels: colour is linearly readable.
-    assert acc["color"] > 0.8 and set(acc) == {"shape", "color", "size"}
+    assert acc["color"] > 0.8 and set(acc) == {"shape", "color", "size", "position"}
+    # A tower with no position table and no attention mixing cannot tell its patches apart by place ...
+    blank = VisionTower(cfg).eval()
+    with torch.no_grad():
+        blank.vision_tower.pos_embed.zero_()
+        for block in blank.vision_tower.blocks:
+            block.attn.proj.weight.zero_()
+            block.attn.proj.bias.zero_()
+    px, lab = data(96)
+    px[:] = px[:1]  # one scene only: the features of equal patches are equal
+    assert probe_accuracy(blank, (px, lab), (px[:32], lab[:32]), steps=100)["position"] < 0.5
+    # ... and the sine-cosine table the chain seeds it with makes every cell readable.
+    with torch.no_grad():
+        blank.vision_tower.pos_embed.copy_(sincos_2d(4, cfg.width)[None])
+    assert probe_accuracy(blank, (px, lab), (px[:32], lab[:32]), steps=100)["position"] == 1.0
     x, y = data(4)
     with pytest.raises(ValueError, match="cells"):
         probe_accuracy(VisionTower(cfg).eval(), (x, y[:, :, :2]), (x, y), steps=1)

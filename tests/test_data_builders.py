@@ -302,6 +302,10 @@ def test_code_cache_round_trip(processor, config, vq, images, tmp_path):
     with pytest.raises(BrokenRecord) as e:
         cache.codes_for(ImageRef(images / "a.png"))
     assert e.value.reason == "no codes"
+    # a dataset reached through a symlink has the same keys
+    (tmp_path / "linked").symlink_to(images, target_is_directory=True)
+    assert torch.equal(cache.codes_for(ImageRef(tmp_path / "linked" / "sub/b.png")),
+                       fly.codes_for(ImageRef(images / "sub/b.png")))
     with pytest.raises(DataError, match="stale"):
         CodeCache(out, fingerprint=vq_fingerprint(vq, 128))
     with pytest.raises(DataError, match="prepare-codes"):

@@ -70,7 +70,8 @@ class OnTheFlyCodes:
 
 
 def cache_key(path: Path, root: Path) -> str:
-    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root))).as_posix()
+    """`path` relative to `root`, both with symlinks resolved (a dataset reached through a link has the same keys)."""
+    return Path(os.path.relpath(os.path.realpath(path), os.path.realpath(root))).as_posix()
 
 
 class CodeCache:

@@ -192,6 +192,7 @@ def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 def _run_stage(out: Path, stage: int, steps: int, start: Path, data: Path, codes: Path, size: ChainSize,
                timings: dict) -> Path:
+    from ..train import checkpoint
     from ..train.loop import train
     from ..train.recipe import load_recipe
 
@@ -206,7 +207,8 @@ def _run_stage(out: Path, stage: int, steps: int, start: Path, data: Path, codes
     overrides += [f"data.sources.{s['name']}.path={data / Path(s['path']).name}" for s in recipe.data.sources]
     recipe = load_recipe(f"shapes-stage{stage}", overrides)
     t = time.time()
-    train(recipe, resume="latest" if any(run_dir.glob("step-*")) else None)
+    # An interrupted stage resumes from its newest checkpoint (written under run_dir/checkpoints/).
+    train(recipe, resume="latest" if checkpoint.latest_checkpoint(run_dir) is not None else None)
     timings[name] = round(time.time() - t, 1)
     return final
 

@@ -1,0 +1,126 @@
+"""Optional CPU kernels, compiled on first use with the machine's C++ compiler (torch.utils.cpp_extension).
+
+`linear_bf16(x, w, b)`: the decode-step product of 1-16 bfloat16 rows with a bfloat16 weight, reading the weight
+once at close to the memory bandwidth (AVX-512 BF16). `available()` says whether it can run here; when it cannot
+(no compiler or ninja, another CPU, JANUSKIT_NO_KERNELS=1), callers use F.linear and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_module = None
+_failed: str | None = None
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags and " avx512bw" in flags
+
+
+def _load():
+    global _module, _failed
+    with _lock:
+        if _module is not None or _failed is not None:
+            return _module
+        if os.environ.get("JANUSKIT_NO_KERNELS"):
+            _failed = "JANUSKIT_NO_KERNELS is set"
+        elif not _cpu_has_avx512_bf16():
+            _failed = "this CPU has no AVX-512 BF16"
+        else:
+            try:
+                from torch.utils.cpp_extension import load
+
+                here = Path(__file__).parent
+                _module = load(name="januskit_cpu_kernels", verbose=False,
+                               sources=[str(here / "gemv_bf16.cpp"), str(here / "decode_attention.cpp")],
+                               extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+                                             "-fopenmp"],
+                               extra_ldflags=["-fopenmp"])
+            except Exception as e:  # no compiler, no ninja, a failed build: fall back, say why once
+                _failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if _failed:
+            log.info("januskit kernels unavailable (%s); using F.linear", _failed)
+        return _module
+
+
+def available() -> bool:
+    """Whether the bf16 decode kernel runs on this machine (compiles it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _failed
+
+
+def linear_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M <= 16, K) bf16 @ w (N, K).T bf16 (+ b) -> (M, N) bf16, fp32 accumulation; K a multiple of 32."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"januskit kernels unavailable: {_failed}")
+    return mod.linear_bf16(x, w, b, _block_rows(x.shape[0]))
+
+
+def read_sum(a: torch.Tensor) -> float:
+    """Sum of a contiguous float32 tensor (numel a multiple of 64), streamed: the benchmark's memory-read probe."""
+    if _load() is None:
+        raise RuntimeError(f"januskit kernels unavailable: {_failed}")
+    return _module.read_sum(a)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor | None:
+    """Attention of one new query per row over a KV cache with `decode_attention`, or None where it does not apply
+    (then the caller runs SDPA). q (B, H, 1, hd); k, v (B, Hkv, S, hd) (cache views, key vectors contiguous); mask
+    None or a boolean (B, 1, 1, S) "may attend". Returns (B, H, 1, hd)."""
+    B, H, T, hd = q.shape
+    if (T != 1 or q.device.type != "cpu" or hd not in (64, 128) or not (q.dtype == k.dtype == v.dtype == torch.bfloat16)
+            or k.stride(-1) != 1 or v.stride(-1) != 1 or (torch.is_grad_enabled() and q.requires_grad)):
+        return None
+    valid = None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (B, 1, 1, k.shape[2]):
+            return None
+        valid = mask.view(B, -1)
+    if _load() is None:
+        return None
+    return _module.decode_attention(q.view(B, H, hd), k, v, valid, scale).view(B, H, 1, hd)
+
+
+# Rows per call up to which the kernel beats F.linear here (2-core EPYC, weights out of cache, GB/s of weight read:
+# 1-2 rows 47-51 against 28-32, 6 rows 40 against 25, 8 rows 37 against 22, 10 rows 30 against 22, 16 rows 15
+# against 19), and the weight rows a block that read fastest for each row count (1 to 6 rows: one weight row at a
+# time; 7-9: three; 10-14: two).
+MAX_ROWS = 14
+
+
+def _block_rows(rows: int) -> int:
+    return 1 if rows <= 6 else (3 if rows <= 9 else 2)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose inference forward on 1-14 bfloat16 rows on a CPU with
+    AVX-512 BF16 runs `linear_bf16`; everything else (training, prefill, other dtypes and devices) is F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+                and x.shape[-1] % 32 == 0 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            rows = x.numel() // x.shape[-1]
+            if 0 < rows <= MAX_ROWS and _load() is not None:
+                y = _module.linear_bf16(x.reshape(rows, x.shape[-1]), w, self.bias, _block_rows(rows))
+                return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, w, self.bias)

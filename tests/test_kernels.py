@@ -1,0 +1,160 @@
+"""The CPU decode kernels: the bf16 product of a few rows with a weight, one-query attention over a KV cache, and
+the Linear / attention paths that use them. Where the kernels cannot run (another CPU, no compiler), the same
+modules must fall back to F.linear / SDPA; both paths are checked here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import januskit.kernels as kernels
+from januskit.config import preset
+from januskit.generate import generate_image_tokens
+from januskit.weights import build_on_meta, init_weights
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Run as on a machine without the kernels."""
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", "disabled by the test")
+
+
+def _rel_err(y, ref):
+    return float(((y.float() - ref).abs() / (ref.abs() + 1.0)).max())
+
+
+def test_kernels_build_on_this_machine_when_its_cpu_has_avx512_bf16():
+    # The CI machines and this one have AVX-512 BF16, a compiler and ninja: the kernels must be there, not
+    # silently replaced by the fallback (which would hide a broken build).
+    if kernels._cpu_has_avx512_bf16():
+        assert kernels.available(), kernels.unavailable_reason()
+    else:
+        assert not kernels.available() and "AVX-512 BF16" in kernels.unavailable_reason()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the kernels need an AVX-512 BF16 CPU (see the test above)")
+class TestKernels:
+    @pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 9, 12, 14, 16])
+    @pytest.mark.parametrize("bias", [False, True])
+    def test_linear_bf16_matches_float32(self, rows, bias):
+        g = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, 256, generator=g).bfloat16()
+        w = torch.randn(1003, 256, generator=g).bfloat16()  # 1003: not a multiple of any block size
+        b = torch.randn(1003, generator=g).bfloat16() if bias else None
+        ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+        y = kernels.linear_bf16(x, w, b)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, 1003)
+        assert _rel_err(y, ref) < 1e-2  # the bf16 rounding of the output, nothing more
+
+    def test_linear_bf16_rejects_what_it_cannot_do(self):
+        x, w = torch.randn(2, 48).bfloat16(), torch.randn(8, 48).bfloat16()
+        with pytest.raises(RuntimeError, match="multiple of 32"):
+            kernels.linear_bf16(x, w)
+        with pytest.raises(RuntimeError, match="bfloat16"):
+            kernels.linear_bf16(torch.randn(2, 64), torch.randn(8, 64))
+        with pytest.raises(RuntimeError, match="1 to 16 rows"):
+            kernels.linear_bf16(torch.randn(17, 64).bfloat16(), torch.randn(8, 64).bfloat16())
+
+    def test_linear_module_uses_the_kernel_only_for_inference_on_few_bf16_rows(self, monkeypatch):
+        torch.manual_seed(0)
+        lin = kernels.Linear(128, 64).bfloat16()
+        assert list(lin.state_dict()) == ["weight", "bias"]  # checkpoints load as into nn.Linear
+        calls = []
+        real = kernels._module
+
+        class Spy:
+            def linear_bf16(self, *a):
+                calls.append(a[0].shape)
+                return real.linear_bf16(*a)
+
+        monkeypatch.setattr(kernels, "_module", Spy())
+        x = torch.randn(2, 3, 128).bfloat16()
+        with torch.no_grad():
+            y = lin(x)
+            assert calls == [(6, 128)] and y.shape == (2, 3, 64)
+            assert _rel_err(y, F.linear(x.float(), lin.weight.float(), lin.bias.float())) < 1e-2
+            lin(torch.randn(15, 128).bfloat16())  # a prefill: more rows than MAX_ROWS
+            lin.float()(torch.randn(2, 128))  # fp32
+        assert len(calls) == 1
+        # Training: the autograd path, gradients flow.
+        lin.bfloat16()
+        out = lin(torch.randn(2, 128).bfloat16())
+        out.float().sum().backward()
+        assert lin.weight.grad is not None and len(calls) == 1
+
+    @pytest.mark.parametrize("heads,kv_heads,hd,length", [(16, 16, 128, 37), (4, 2, 64, 9), (8, 8, 64, 300)])
+    @pytest.mark.parametrize("masked", [False, True])
+    def test_decode_attention_matches_sdpa(self, heads, kv_heads, hd, length, masked):
+        g = torch.Generator().manual_seed(length)
+        B = 3
+        cache_k = torch.randn(B, kv_heads, length + 20, hd, generator=g).bfloat16()  # a preallocated cache ...
+        cache_v = torch.randn(B, kv_heads, length + 20, hd, generator=g).bfloat16()
+        k, v = cache_k[:, :, :length], cache_v[:, :, :length]  # ... read as a view of its first positions
+        q = torch.randn(B, heads, 1, hd, generator=g).bfloat16()
+        mask = None
+        if masked:
+            mask = torch.rand(B, 1, 1, length, generator=g) > 0.4
+            mask[..., -1] = True
+        rep = heads // kv_heads
+        ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(rep, 1),
+                                             v.float().repeat_interleave(rep, 1), attn_mask=mask)
+        y = kernels.decode_attention(q, k, v, mask, hd ** -0.5)
+        assert y.shape == (B, heads, 1, hd) and y.dtype == torch.bfloat16
+        assert float((y.float() - ref).abs().max()) < 2e-2
+
+    def test_decode_attention_declines_what_it_does_not_cover(self):
+        q, k = torch.randn(2, 4, 1, 64).bfloat16(), torch.randn(2, 4, 5, 64).bfloat16()
+        assert kernels.decode_attention(q.float(), k.float(), k.float(), None, 0.1) is None  # fp32
+        assert kernels.decode_attention(torch.randn(2, 4, 3, 64).bfloat16(), k, k, None, 0.1) is None  # 3 queries
+        assert kernels.decode_attention(q[..., :16], k[..., :16], k[..., :16], None, 0.1) is None  # head dim 16
+        assert kernels.decode_attention(q, k, k, torch.zeros(2, 1, 1, 5), 0.1) is None  # a float (additive) mask
+
+    def test_read_sum(self):
+        a = torch.rand(64 * 5000)
+        assert abs(kernels.read_sum(a) - float(a.double().sum())) < 1e-3 * float(a.sum())
+
+
+def _shapes_model():
+    cfg = preset("januskit-shapes")  # head dim 64, widths multiples of 32: every kernel applies
+    return init_weights(build_on_meta(cfg), seed=0, std=0.05).to(torch.bfloat16).eval(), cfg
+
+
+def _decode_logits(model, cfg):
+    """Logits of a CFG image decode (n=2 samples, padded prompts of two lengths) over 6 teacher-forced steps."""
+    from januskit.generate import _Masks, left_pad
+    from januskit.llama import KVCache
+
+    cond = [torch.tensor([1, 5, 6, 7, 2]), torch.tensor([1, 9, 2])]
+    ids, attn = left_pad(cond + [torch.tensor([1, 0, 0, 0, 2]), torch.tensor([1, 0, 2])], 0)
+    masks = _Masks(attn, 8)
+    cache = KVCache(cfg.llm, ids.shape[0], ids.shape[1] + 8, dtype=torch.bfloat16)
+    out = []
+    with torch.inference_mode():
+        hidden = model.decoder(model.embed(ids), positions=masks.prompt_positions, cache=cache, mask=masks.prompt_mask())
+        for i in range(6):
+            logits = model.gen_head(hidden[:, -1]).float()
+            out.append(logits)
+            tok = torch.full((ids.shape[0],), 3 + i)
+            mask, pos = masks.step(cache.length)
+            hidden = model.decoder(model.embed_image_codes(tok)[:, None], positions=pos, cache=cache, mask=mask)
+    return torch.stack(out)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the kernels need an AVX-512 BF16 CPU")
+def test_decode_with_kernels_matches_the_fallback_path(monkeypatch):
+    model, cfg = _shapes_model()
+    fast = _decode_logits(model, cfg)
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", "disabled by the test")
+    slow = _decode_logits(model, cfg)
+    scale = float(slow.abs().max())
+    assert float((fast - slow).abs().max()) < 0.03 * scale
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() > 0.95
+
+
+def test_fallback_path_generates(no_kernels):
+    model, cfg = _shapes_model()
+    assert not kernels.available()
+    codes = generate_image_tokens(model, [torch.tensor([1, 5, 2])], [torch.tensor([1, 0, 2])], 0, n=2,
+                                  generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (2, 16) and int(codes.max()) < cfg.vq.codebook_size
