@@ -236,6 +236,21 @@ def _image():
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def _best_of(a: dict, b: dict) -> dict:
+    """Per figure, the better of two runs: lower times and memory, higher rates."""
+    if "error" in b:
+        return a
+    out = {}
+    for k, v in a.items():
+        if not isinstance(v, (int, float)) or k == "prompt_tokens":
+            out[k] = v
+        elif k.endswith(("_ms", "_gib")) or "_ms_" in k:
+            out[k] = min(v, b[k])
+        else:
+            out[k] = max(v, b[k])
+    return out
+
+
 def run_worker(impl: str, dtype: str, args, int8: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--ckpt", str(args.ckpt), "--dtype", dtype,
            "--device", args.device, "--steps", str(args.steps), "--text-steps", str(args.text_steps),
@@ -256,6 +271,7 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--ckpt", default=None, help="where to write the random checkpoint (default: a temp dir)")
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each implementation, alternated; best figures kept")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
     ap.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
@@ -284,14 +300,29 @@ def main():
         build_checkpoint(args.preset, ckpt)
     cfg = preset(args.preset)
     bw, copy_bw = memory_bandwidth(args.device)
+    rows = []
+    all_runs = []
+    for dtype in args.dtypes.split(","):
+        impls = [("januskit", False), ("transformers", False)]
+        if not args.no_int8 and dtype == "bfloat16":
+            impls.append(("januskit", True))
+        # Alternate the implementations `--repeat` times and keep each one's best figures: the shared machine's
+        # bandwidth drifts by ~10% over minutes, and best-of-N in alternation keeps the ratios fair.
+        best: dict[str, dict] = {}
+        for _ in range(args.repeat):
+            for impl, int8 in impls:
+                name = impl + ("-int8" if int8 else "")
+                r = run_worker(impl, dtype, args, int8=int8)
+                best[name] = r if name not in best or "error" in best[name] else _best_of(best[name], r)
+        all_runs.append((dtype, best))
+    # Read bandwidth before and after the workers, the higher of the two: a roofline below what was reached
+    # at some moment of the run would overstate every fraction.
+    bw2, copy_bw2 = memory_bandwidth(args.device)
+    bw, copy_bw = max(bw, bw2), max(copy_bw, copy_bw2)
     print(f"\n{args.preset} on {args.device}, {args.threads} threads, measured read bandwidth {bw / 1e9:.1f} GB/s "
           f"(copy {copy_bw / 1e9:.1f} GB/s read+write); roofline = bytes per step / read bandwidth, "
           f"{args.steps} image steps, {args.text_steps} text steps\n")
-    rows = []
-    for dtype in args.dtypes.split(","):
-        runs = {"januskit": run_worker("januskit", dtype, args), "transformers": run_worker("transformers", dtype, args)}
-        if not args.no_int8 and dtype == "bfloat16":
-            runs["januskit-int8"] = run_worker("januskit", dtype, args, int8=True)
+    for dtype, runs in all_runs:
         el_dtype = DTYPES[dtype]
         ctx = 20 + args.steps // 2
         for name, r in runs.items():

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LlamaConfig
-from .kernels import Linear, decode_attention
+from . import kernels
+from .kernels import Linear
 
 
 class RMSNorm(nn.Module):
@@ -22,6 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.rmsnorm(x, self.weight, self.eps)  # a decode step's few bf16 rows on CPU: one fused pass
+        if y is not None:
+            return y
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -89,16 +93,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
         x = x.reshape(B * T, -1)  # 2-D operands take the fast GEMM paths on CPU (3-D bf16 with T=1 is ~2x slower)
+        if cache is not None and T == 1 and self.hd in (64, 128) and kernels.fast_path(x):
+            return self._decode_step(x, cos.view(B, -1), sin.view(B, -1), mask, cache)
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, k, v)  # (B, n_kv, S, hd)
-            if T == 1:  # a decode step: one query per row against the cache (GQA handled inside)
-                y = decode_attention(q, k, v, mask, self.hd ** -0.5)
-                if y is not None:
-                    return self.o_proj(y.reshape(B, self.n_head * self.hd)).view(B, 1, -1)
         if self.n_kv != self.n_head:
             rep = self.n_head // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -113,6 +115,20 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B * T, self.n_head * self.hd)  # (B*T, n_head * hd)
         return self.o_proj(y).view(B, T, -1)
+
+
+    def _decode_step(self, x, cos, sin, mask, cache: KVCache):
+        """One new token per row with the CPU kernels: fused RoPE, attention over the cache, GQA inside."""
+        B = x.shape[0]
+        q = kernels.rope(self.q_proj(x).view(B, self.n_head, self.hd), cos, sin)
+        k = kernels.rope(self.k_proj(x).view(B, self.n_kv, self.hd), cos, sin)
+        k, v = cache.write(self.layer, k[:, :, None], self.v_proj(x).view(B, self.n_kv, 1, self.hd))
+        y = kernels.decode_attention(q[:, :, None], k, v, mask, self.hd ** -0.5)
+        if y is None:  # a mask the kernel does not take: SDPA over the same cache
+            rep = self.n_head // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask)
+        return self.o_proj(y.reshape(B, self.n_head * self.hd)).view(B, 1, -1)
 
 
 class MLP(nn.Module):

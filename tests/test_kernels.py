@@ -109,6 +109,24 @@ class TestKernels:
         assert kernels.decode_attention(q[..., :16], k[..., :16], k[..., :16], None, 0.1) is None  # head dim 16
         assert kernels.decode_attention(q, k, k, torch.zeros(2, 1, 1, 5), 0.1) is None  # a float (additive) mask
 
+    def test_rmsnorm_and_rope_are_bit_exact_against_the_eager_code(self, monkeypatch):
+        from januskit.llama import RMSNorm, apply_rope, rope_cos_sin
+
+        g = torch.Generator().manual_seed(0)
+        norm = RMSNorm(256).bfloat16()
+        norm.weight.data = torch.randn(256, generator=g).bfloat16()
+        x = (torch.randn(3, 1, 256, generator=g) * 3).bfloat16()
+        pos = torch.tensor([[5], [17], [300]])
+        cos, sin = rope_cos_sin(pos, 64, 10000.0, torch.bfloat16)
+        q = torch.randn(3, 4, 1, 64, generator=g).bfloat16()
+        with torch.no_grad():
+            fused_norm = norm(x)
+            fused_rope = kernels.rope(q.view(3, 4, 64), cos.view(3, -1), sin.view(3, -1)).view(3, 4, 1, 64)
+            monkeypatch.setattr(kernels, "_module", None)
+            monkeypatch.setattr(kernels, "_failed", "disabled by the test")
+            assert torch.equal(fused_norm, norm(x))
+        assert torch.equal(fused_rope, apply_rope(q, cos, sin))
+
     def test_read_sum(self):
         a = torch.rand(64 * 5000)
         assert abs(kernels.read_sum(a) - float(a.double().sum())) < 1e-3 * float(a.sum())

@@ -45,7 +45,8 @@ def _load():
 
                 here = Path(__file__).parent
                 _module = load(name="januskit_cpu_kernels", verbose=False,
-                               sources=[str(here / "gemv_bf16.cpp"), str(here / "decode_attention.cpp")],
+                               sources=[str(here / n) for n in ("gemv_bf16.cpp", "decode_attention.cpp",
+                                                                  "decode_elementwise.cpp")],
                                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
                                              "-fopenmp"],
                                extra_ldflags=["-fopenmp"])
@@ -79,6 +80,26 @@ def read_sum(a: torch.Tensor) -> float:
     if _load() is None:
         raise RuntimeError(f"januskit kernels unavailable: {_failed}")
     return _module.read_sum(a)
+
+
+def fast_path(x: torch.Tensor) -> bool:
+    """Whether a decode-step tensor can take the kernels: bf16 on the CPU, no autograd, kernels built."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and x.requires_grad)
+            and _load() is not None)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """llama.RMSNorm of up to MAX_ROWS bf16 rows in one pass, or None where it does not apply."""
+    D = x.shape[-1]
+    if (x.numel() > MAX_ROWS * D or D % 16 or weight.dtype != torch.bfloat16 or not fast_path(x)
+            or (torch.is_grad_enabled() and weight.requires_grad)):
+        return None
+    return _module.rmsnorm_bf16(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """llama.apply_rope for one position per row: x (B, H, hd), cos/sin (B, hd); the caller checked fast_path."""
+    return _module.rope_bf16(x, cos, sin)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
