@@ -304,7 +304,8 @@ def run_training(run: Run, resume: str | None = None) -> list[StepStats]:
             _save(run, done)
         if run.processor is not None and r.feedback.sample_every and done % r.feedback.sample_every == 0:
             _samples(run, done)
-    if run.processor is not None and start < r.train.steps:
+    # Export after training, and also when a run resumed at its last checkpoint had stopped before exporting.
+    if run.processor is not None and (start < r.train.steps or not (run.run_dir / "final" / "config.json").exists()):
         _export(run)
     return history
 
