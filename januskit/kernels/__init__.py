@@ -41,9 +41,12 @@ def _load():
             _failed = "this CPU has no AVX-512 BF16"
         else:
             try:
-                from torch.utils.cpp_extension import load
+                from torch.utils.cpp_extension import _get_build_directory, load
 
                 here = Path(__file__).parent
+                if not (Path(_get_build_directory("januskit_cpu_kernels", False)) / "januskit_cpu_kernels.so").exists():
+                    log.warning("januskit: building the CPU decode kernels (first use on this machine, about a "
+                                "minute; JANUSKIT_NO_KERNELS=1 skips them)")
                 _module = load(name="januskit_cpu_kernels", verbose=False,
                                sources=[str(here / n) for n in ("gemv_bf16.cpp", "decode_attention.cpp",
                                                                   "decode_elementwise.cpp")],
