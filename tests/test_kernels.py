@@ -170,6 +170,34 @@ def test_decode_with_kernels_matches_the_fallback_path(monkeypatch):
     assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() > 0.95
 
 
+@pytest.mark.skipif(not kernels.available(), reason="the kernels need an AVX-512 BF16 CPU")
+def test_shipped_model_in_bf16_decides_the_same_with_and_without_kernels(monkeypatch):
+    # The conformance rule for an optimised path: greedy tokens equal to the plain path's, on a model with real
+    # margins (the bundled one), for images under CFG (several prompts batched) and for answers.
+    from januskit import Janus
+
+    janus = Janus.from_pretrained(dtype=torch.bfloat16)
+    prompts = ["a red circle above a blue square", "three green triangles", "a yellow square", "two purple circles"]
+    convs = [[{"role": "user", "content": f"<image_placeholder>\n{q}", "images": [janus_example("four_shapes.png")]},
+              {"role": "assistant", "content": ""}] for q in ("What color is the circle?", "How many shapes are there?")]
+
+    def decide():
+        codes = janus.generate_images(prompts, temperature=0, cfg_weight=5.0).tokens
+        return codes, [r.token_ids for r in janus.chat_batch(convs, max_new_tokens=4, temperature=0)]
+
+    fast = decide()
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", "disabled by the test")
+    slow = decide()
+    assert torch.equal(fast[0], slow[0]) and fast[1] == slow[1]
+
+
+def janus_example(name):
+    from pathlib import Path
+
+    return Path(kernels.__file__).parent.parent / "assets" / "examples" / name
+
+
 def test_fallback_path_generates(no_kernels):
     model, cfg = _shapes_model()
     assert not kernels.available()

@@ -30,6 +30,38 @@ def _cpu_has_avx512_bf16() -> bool:
     return " avx512_bf16" in flags and " avx512bw" in flags
 
 
+_SOURCES = ("gemv_bf16.cpp", "decode_attention.cpp", "decode_elementwise.cpp")
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+
+
+def _build():
+    """Compile (or load the cached build of) the kernels. The build is keyed by the sources' contents and copies
+    them into its own directory, so every checkout or install with the same sources shares one build, and one with
+    other sources gets another (a build keyed by name alone was rebuilt each time another checkout loaded it)."""
+    import hashlib
+
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    here = Path(__file__).parent
+    texts = {n: (here / n).read_bytes() for n in _SOURCES}
+    digest = hashlib.sha1(b"".join(texts[n] for n in _SOURCES) + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    name = f"januskit_cpu_kernels_{digest}"
+    build = Path(_get_build_directory(name, False))
+    src = build / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for n, text in texts.items():
+        dst = src / n
+        if not dst.exists() or dst.read_bytes() != text:
+            tmp = src / f".{n}.{os.getpid()}.tmp"
+            tmp.write_bytes(text)
+            os.replace(tmp, dst)
+    if not (build / f"{name}.so").exists():
+        log.warning("januskit: building the CPU decode kernels (first use on this machine, about a minute; "
+                    "JANUSKIT_NO_KERNELS=1 skips them)")
+    return load(name=name, sources=[str(src / n) for n in _SOURCES], build_directory=str(build),
+                extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+
+
 def _load():
     global _module, _failed
     with _lock:
@@ -41,18 +73,7 @@ def _load():
             _failed = "this CPU has no AVX-512 BF16"
         else:
             try:
-                from torch.utils.cpp_extension import _get_build_directory, load
-
-                here = Path(__file__).parent
-                if not (Path(_get_build_directory("januskit_cpu_kernels", False)) / "januskit_cpu_kernels.so").exists():
-                    log.warning("januskit: building the CPU decode kernels (first use on this machine, about a "
-                                "minute; JANUSKIT_NO_KERNELS=1 skips them)")
-                _module = load(name="januskit_cpu_kernels", verbose=False,
-                               sources=[str(here / n) for n in ("gemv_bf16.cpp", "decode_attention.cpp",
-                                                                  "decode_elementwise.cpp")],
-                               extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
-                                             "-fopenmp"],
-                               extra_ldflags=["-fopenmp"])
+                _module = _build()
             except Exception as e:  # no compiler, no ninja, a failed build: fall back, say why once
                 _failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if _failed:
