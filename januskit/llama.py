@@ -116,7 +116,6 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B * T, self.n_head * self.hd)  # (B*T, n_head * hd)
         return self.o_proj(y).view(B, T, -1)
 
-
     def _decode_step(self, x, cos, sin, mask, cache: KVCache):
         """One new token per row with the CPU kernels: fused RoPE, attention over the cache, GQA inside."""
         B = x.shape[0]

@@ -64,6 +64,8 @@ def _build():
 
 def _load():
     global _module, _failed
+    if _module is not None or _failed is not None:  # already decided: no need for the lock
+        return _module
     with _lock:
         if _module is not None or _failed is not None:
             return _module
@@ -132,16 +134,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     (then the caller runs SDPA). q (B, H, 1, hd); k, v (B, Hkv, S, hd) (cache views, key vectors contiguous); mask
     None or a boolean (B, 1, 1, S) "may attend". Returns (B, H, 1, hd)."""
     B, H, T, hd = q.shape
-    if (T != 1 or q.device.type != "cpu" or hd not in (64, 128) or not (q.dtype == k.dtype == v.dtype == torch.bfloat16)
-            or k.stride(-1) != 1 or v.stride(-1) != 1 or (torch.is_grad_enabled() and q.requires_grad)):
+    if (T != 1 or hd not in (64, 128) or not (k.dtype == v.dtype == torch.bfloat16) or k.stride(-1) != 1
+            or v.stride(-1) != 1 or not fast_path(q)):
         return None
     valid = None
     if mask is not None:
         if mask.dtype != torch.bool or mask.shape != (B, 1, 1, k.shape[2]):
             return None
         valid = mask.view(B, -1)
-    if _load() is None:
-        return None
     return _module.decode_attention(q.view(B, H, hd), k, v, valid, scale).view(B, H, 1, hd)
 
 
@@ -161,11 +161,9 @@ class Linear(nn.Linear):
     AVX-512 BF16 runs `linear_bf16`; everything else (training, prefill, other dtypes and devices) is F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
-                and x.shape[-1] % 32 == 0 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
-            rows = x.numel() // x.shape[-1]
-            if 0 < rows <= MAX_ROWS and _load() is not None:
-                y = _module.linear_bf16(x.reshape(rows, x.shape[-1]), w, self.bias, _block_rows(rows))
-                return y.view(*x.shape[:-1], self.out_features)
+        w, K = self.weight, x.shape[-1]
+        if (w.dtype == torch.bfloat16 and K and K % 32 == 0 and 0 < (rows := x.numel() // K) <= MAX_ROWS
+                and not (torch.is_grad_enabled() and w.requires_grad) and fast_path(x)):
+            y = _module.linear_bf16(x.reshape(rows, K), w, self.bias, _block_rows(rows))
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, w, self.bias)

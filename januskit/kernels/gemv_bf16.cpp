@@ -50,19 +50,17 @@ void gemv(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* 
   for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1>(x, w, bias, y, K, N, n);
 }
 
-// Accumulators: R * M zmm registers of the 32 (R weight rows at a time), R + 1 more for the loaded vectors.
+// Accumulators: R * M zmm registers of the 32 (R weight rows at a time), R + 1 more for the loaded vectors. The
+// caller picks R (kernels._block_rows: 1, 3 or 2 by row count); a block too large for M falls back to one row.
 template <int M>
 void dispatch_r(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* y, int64_t K, int64_t N, int r) {
-  switch (r) {
-    case 1: gemv<M, 1>(x, w, b, y, K, N); break;
-    case 2: if constexpr (M <= 14) { gemv<M, 2>(x, w, b, y, K, N); break; } [[fallthrough]];
-    case 3: if constexpr (M <= 9) { gemv<M, 3>(x, w, b, y, K, N); break; } [[fallthrough]];
-    case 4: if constexpr (M <= 6) { gemv<M, 4>(x, w, b, y, K, N); break; } [[fallthrough]];
-    case 6: if constexpr (M <= 4) { gemv<M, 6>(x, w, b, y, K, N); break; } [[fallthrough]];
-    case 8: if constexpr (M <= 3) { gemv<M, 8>(x, w, b, y, K, N); break; } [[fallthrough]];
-    case 12: if constexpr (M <= 2) { gemv<M, 12>(x, w, b, y, K, N); break; } [[fallthrough]];
-    default: gemv<M, 1>(x, w, b, y, K, N);
+  if constexpr (M <= 9) {
+    if (r == 3) return gemv<M, 3>(x, w, b, y, K, N);
   }
+  if constexpr (M <= 14) {
+    if (r == 2) return gemv<M, 2>(x, w, b, y, K, N);
+  }
+  gemv<M, 1>(x, w, b, y, K, N);
 }
 
 }  // namespace

@@ -118,28 +118,23 @@ def probe_accuracy(vision: VisionTower, train: tuple[torch.Tensor, torch.Tensor]
         raise ValueError(f"probe_accuracy: {ftr.shape[1]} patches for a grid of {ytr[0, 0].numel()} cells")
     mu, sd = ftr.mean((0, 1)), ftr.std((0, 1)) + 1e-6
     ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
-    out = {}
-    for i, (name, k) in enumerate(zip(ATTRIBUTES, HEADS)):
-        ytr_i, yte_i = ytr[:, i].flatten(1), yte[:, i].flatten(1)  # (N, cells), raster order as the patches
-        lin = nn.Linear(ftr.shape[-1], k)
+    def fit(labels, classes):  # labels (N, patches): a linear probe trained on ftr, returns its test predictions
+        lin = nn.Linear(ftr.shape[-1], classes)
         opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
         with torch.enable_grad():
             for _ in range(steps):
-                loss = F.cross_entropy(lin(ftr).flatten(0, 1), ytr_i.flatten())
+                loss = F.cross_entropy(lin(ftr).flatten(0, 1), labels.flatten())
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+        return lin(fte).argmax(-1)
+
+    out = {}
+    for i, (name, k) in enumerate(zip(ATTRIBUTES, HEADS)):
+        ytr_i, yte_i = ytr[:, i].flatten(1), yte[:, i].flatten(1)  # (N, cells), raster order as the patches
         occupied = yte_i > 0
-        out[name] = float((lin(fte).argmax(-1) == yte_i)[occupied].float().mean())
+        out[name] = float((fit(ytr_i, k) == yte_i)[occupied].float().mean())
     # Where: which grid cell a patch feature comes from (all cells, empty or not); position questions need it.
     cells = torch.arange(ftr.shape[1])
-    lin = nn.Linear(ftr.shape[-1], ftr.shape[1])
-    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = F.cross_entropy(lin(ftr).flatten(0, 1), cells.repeat(ftr.shape[0]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    out["position"] = float((lin(fte).argmax(-1) == cells).float().mean())
+    out["position"] = float((fit(cells.expand(len(ftr), -1), len(cells)) == cells).float().mean())
     return out
