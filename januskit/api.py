@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -84,6 +86,50 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
                          "pass the path of a local checkpoint directory instead") from None
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """A checkpoint's own image-decoding defaults, read from `generation.json` beside its config (optional).
+
+    The released Janus checkpoints have none and decode as the official code does (w = 5, every token kept);
+    the bundled model ships a cutoff (see `sampling.cfg_merge`) chosen with `januskit eval`.
+    """
+
+    cfg_weight: float = 5.0
+    cfg_cutoff: float = 0.0
+
+    FILE = "generation.json"
+
+    @classmethod
+    def read(cls, directory: Path) -> "GenerationDefaults":
+        path = Path(directory) / cls.FILE
+        if not path.exists():
+            return cls()
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise JanusError(f"{path}: not readable JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise JanusError(f"{path}: expected an object of defaults, got {type(raw).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise JanusError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        for key, value in raw.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise JanusError(f"{path}: '{key}' must be a number, got {value!r}")
+        out = cls(**{k: float(v) for k, v in raw.items()})
+        if out.cfg_weight < 0 or not 0 <= out.cfg_cutoff < 1:
+            raise JanusError(f"{path}: need cfg_weight >= 0 and 0 <= cfg_cutoff < 1, got {raw}")
+        return out
+
+    def write(self, directory: Path) -> None:
+        path = Path(directory) / self.FILE
+        if self == GenerationDefaults():
+            path.unlink(missing_ok=True)
+        else:
+            weights.write_json(path, asdict(self))
+
+
 @dataclass
 class ChatReply:
     text: str
@@ -106,8 +152,9 @@ class Janus:
     OFFLOADABLE = ("vision_model", "aligner", "gen_vision_model")
 
     def __init__(self, model: JanusModel, processor: JanusProcessor, device="cpu", dtype=torch.float32,
-                 low_memory: bool = False):
+                 low_memory: bool = False, generation: GenerationDefaults | None = None):
         self.model = model.eval()
+        self.generation = generation or GenerationDefaults()
         self.processor = processor
         self.config: JanusConfig = model.config
         self.device = torch.device(device)
@@ -153,7 +200,8 @@ class Janus:
             processor = JanusProcessor.from_pretrained(directory, num_image_tokens=config.num_image_tokens)
         except (ConfigError, weights.CheckpointError, ProcessorError) as e:
             raise JanusError(str(e)) from None
-        return cls(model, processor, device, dtype, low_memory=low_memory)
+        return cls(model, processor, device, dtype, low_memory=low_memory,
+                   generation=GenerationDefaults.read(directory))
 
     def save_pretrained(self, directory: str | os.PathLike, layout: str = "official") -> Path:
         """Write config, weights and processor files in the official or the transformers (`hf`) layout."""
@@ -173,6 +221,7 @@ class Janus:
         weights.save_state_dict(sd, directory)
         weights.write_json(directory / "config.json", config)
         self.processor.save_pretrained(directory)
+        self.generation.write(directory)
         return directory
 
     def to(self, device=None, dtype=None) -> "Janus":
@@ -287,10 +336,17 @@ class Janus:
             yield text[len(sent):]
 
     # ------------------------------------------------------------------------------------------ generation
-    def generate_images(self, prompt: str | list[str], n: int = 1, cfg_weight: float = 5.0, temperature: float = 1.0,
-                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                        on_step=None) -> ImageResult:
-        """Text-to-image: `n` images per prompt, several prompts batched; `temperature=0` is greedy."""
+    def generate_images(self, prompt: str | list[str], n: int = 1, cfg_weight: float | None = None,
+                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                        seed: int | None = None, on_step=None, cfg_cutoff: float | None = None) -> ImageResult:
+        """Text-to-image: `n` images per prompt, several prompts batched; `temperature=0` is greedy.
+
+        `cfg_weight` and `cfg_cutoff` (see `sampling.cfg_merge`) default to the checkpoint's `generation`.
+        """
+        cfg_weight = self.generation.cfg_weight if cfg_weight is None else cfg_weight
+        cfg_cutoff = self.generation.cfg_cutoff if cfg_cutoff is None else cfg_cutoff
+        if cfg_weight < 0 or not 0 <= cfg_cutoff < 1:
+            raise JanusError(f"need cfg_weight >= 0 and 0 <= cfg_cutoff < 1, got {cfg_weight} and {cfg_cutoff}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise JanusError("no prompt given")
@@ -306,7 +362,8 @@ class Janus:
                              f"{self.config.llm.max_position_embeddings}")
         tokens = generate_image_tokens(
             self.model, list(cond), list(uncond), self.processor.pad_id, n=n, cfg_weight=cfg_weight,
-            temperature=temperature, top_k=top_k, top_p=top_p, generator=_generator(seed, self.device),
+            cfg_cutoff=cfg_cutoff, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=_generator(seed, self.device),
             num_tokens=num, on_step=on_step,
         )
         images = self.decode_image_tokens(tokens)

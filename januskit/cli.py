@@ -31,7 +31,8 @@ def cmd_generate(args) -> int:
     janus = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = janus.generate_images(args.prompt, n=args.n, cfg_weight=args.cfg, temperature=args.temperature,
+    result = janus.generate_images(args.prompt, n=args.n, cfg_weight=args.cfg, cfg_cutoff=args.cfg_cutoff,
+                                   temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stem = "".join(c if c.isalnum() else "_" for c in args.prompt.lower())[:48].strip("_") or "image"
     for i, img in enumerate(result.images):
@@ -113,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     _model_args(p)
     p.add_argument("-n", type=int, default=1, help="images to generate")
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance weight (default: the model's, 5 for the released checkpoints)")
+    p.add_argument("--cfg-cutoff", type=float, default=None,
+                   help="guide only among image tokens with at least this fraction of the conditional top "
+                        "token's probability (default: the model's; 0 keeps all, as the official code does)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)

@@ -59,6 +59,7 @@ def generate_image_tokens(
     pad_id: int,
     n: int = 1,
     cfg_weight: float = 5.0,
+    cfg_cutoff: float = 0.0,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -89,7 +90,7 @@ def generate_image_tokens(
     out = torch.empty((P * n, num_tokens), dtype=torch.long, device=device)
     for i in range(num_tokens):
         logits = model.gen_head(hidden[:, -1])  # (2R, V)
-        tok = sample(cfg_merge(logits, cfg_weight), temperature, top_k, top_p, generator)  # (R,)
+        tok = sample(cfg_merge(logits, cfg_weight, cfg_cutoff), temperature, top_k, top_p, generator)  # (R,)
         out[:, i] = tok
         if on_step is not None:
             on_step(i + 1, num_tokens)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -35,11 +37,21 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def cfg_merge(logits: torch.Tensor, weight: float) -> torch.Tensor:
+def cfg_merge(logits: torch.Tensor, weight: float, cutoff: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance over a doubled batch.
 
     Row layout (the only place that knows it): logits (2R, V) hold the R conditional rows first and then the
     R unconditional rows in the same order; returns uncond + weight * (cond - uncond), shape (R, V).
+
+    `cutoff` > 0 excludes (-inf) every token whose conditional probability is below `cutoff` times that of the
+    conditional row's most likely token, before guidance picks among the rest. Guidance scales a token's
+    probability by (p_cond / p_uncond) ** (weight - 1): where the unconditional row is confident, a token the
+    prompt leaves merely unlikely (1e-3 against 1e-6) is boosted by orders of magnitude and can win the step.
+    0 (the official Janus decoding) keeps every token.
     """
     cond, uncond = logits.float().chunk(2, dim=0)
-    return uncond + weight * (cond - uncond)
+    merged = uncond + weight * (cond - uncond)
+    if cutoff > 0:
+        implausible = cond - cond.amax(dim=-1, keepdim=True) < math.log(cutoff)
+        merged = merged.masked_fill(implausible, float("-inf"))
+    return merged

@@ -95,8 +95,12 @@ def test_eval_report(chain_dir, tmp_path):
     r = run_eval(janus, chain_dir / "data", tmp_path, n=1, max_prompts=12, max_questions=20)
     assert 0.0 <= r["geneval"]["all"]["overall"] <= 1.0
     assert set(r["cfg_ablation"]) == {1.0, 3.0, 5.0, 7.0}
+    # The chain's model carries its guidance cutoff; the report adds the official decoding for comparison.
+    assert r["cfg_cutoff"] == janus.generation.cfg_cutoff > 0
+    assert set(r["cfg_ablation_no_cutoff"]) == {1.0, 3.0, 5.0, 7.0}
     assert r["scorer"]["ground_truth"] >= 0.99
-    assert "POPE" in (tmp_path / "report.md").read_text() and (tmp_path / "samples.png").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "POPE" in report and "Without the cutoff" in report and (tmp_path / "samples.png").exists()
 
 
 def test_chain_records_the_component_gates(chain_dir):

@@ -120,3 +120,34 @@ def test_official_layout_round_trip(tmp_path, official_janus):
     back = Janus.from_pretrained(out)
     _same_weights(back, official_janus)
     assert back.config == official_janus.config
+
+
+def test_generation_defaults_round_trip_and_apply(tmp_path, official_janus):
+    from dataclasses import replace
+
+    assert not (OFFICIAL_TINY / "generation.json").exists()
+    assert (official_janus.generation.cfg_weight, official_janus.generation.cfg_cutoff) == (5.0, 0.0)
+    saved = Janus.from_pretrained(OFFICIAL_TINY)
+    saved.generation = replace(saved.generation, cfg_weight=2.0, cfg_cutoff=0.2)
+    out = saved.save_pretrained(tmp_path / "gen")
+    back = Janus.from_pretrained(out)
+    assert (back.generation.cfg_weight, back.generation.cfg_cutoff) == (2.0, 0.2)
+    # The defaults are what a call without arguments decodes with; explicit arguments override them.
+    by_default = back.generate_images("a red circle", temperature=0).tokens
+    assert torch.equal(by_default, back.generate_images("a red circle", temperature=0, cfg_weight=2.0,
+                                                        cfg_cutoff=0.2).tokens)
+    assert torch.equal(official_janus.generate_images("a red circle", temperature=0).tokens,
+                       back.generate_images("a red circle", temperature=0, cfg_weight=5.0, cfg_cutoff=0.0).tokens)
+
+
+@pytest.mark.parametrize("text,needle", [("{", "not readable JSON"), ('{"cfg_scale": 3}', "unknown key(s) cfg_scale"),
+                                         ('{"cfg_cutoff": "high"}', "'cfg_cutoff' must be a number"),
+                                         ('{"cfg_cutoff": 1.5}', "0 <= cfg_cutoff < 1"), ("[1]", "expected an object")])
+def test_bad_generation_defaults_are_named(tmp_path, official_sd, text, needle):
+    d = tmp_path / "ckpt"
+    _copy_meta(d)
+    save_file(official_sd, str(d / "model.safetensors"))
+    (d / "generation.json").write_text(text)
+    with pytest.raises(JanusError, match="generation.json") as e:
+        Janus.from_pretrained(d)
+    assert needle in str(e.value)

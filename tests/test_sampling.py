@@ -35,3 +35,19 @@ def test_cfg_merge_layout_and_formula():
     out = cfg_merge(torch.cat([cond, uncond]), 5.0)
     torch.testing.assert_close(out, uncond + 5.0 * (cond - uncond))
     torch.testing.assert_close(cfg_merge(torch.cat([cond, uncond]), 1.0), cond)
+
+
+def test_cfg_cutoff_keeps_guidance_among_plausible_tokens():
+    # The failure the cutoff exists for: the unconditional row is sure of token 0, the conditional row prefers
+    # token 1 (p ~ 0.98) and leaves token 2 at ~1e-3 where the unconditional row has ~1e-7. At w = 5 plain
+    # guidance picks token 2, which the conditional model itself all but rules out.
+    cond = torch.log(torch.tensor([[0.02, 0.979, 0.001]]))
+    uncond = torch.log(torch.tensor([[0.9, 0.0999999, 1e-7]]))
+    logits = torch.cat([cond, uncond])
+    assert cfg_merge(logits, 5.0).argmax(-1).item() == 2
+    cut = cfg_merge(logits, 5.0, cutoff=0.1)
+    assert cut.argmax(-1).item() == 1
+    assert torch.isinf(cut[0, [0, 2]]).all()  # 0.02 / 0.979 and 0.001 / 0.979 are under 0.1
+    # A cutoff below every ratio changes nothing; at w = 1 the kept tokens keep their conditional logits.
+    torch.testing.assert_close(cfg_merge(logits, 5.0, cutoff=1e-4), cfg_merge(logits, 5.0))
+    torch.testing.assert_close(cfg_merge(logits, 1.0, cutoff=0.01)[0, :2], cond[0, :2])

@@ -30,13 +30,16 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def geneval(janus, prompts: list[dict], n: int = 4, cfg_weight: float = 5.0, seed: int = 0, batch: int = 8,
-            keep: int = 0) -> dict:
-    """Per-category accuracy over `n` images per prompt; overall = mean of category accuracies."""
+def geneval(janus, prompts: list[dict], n: int = 4, cfg_weight: float | None = None, seed: int = 0, batch: int = 8,
+            keep: int = 0, cfg_cutoff: float | None = None) -> dict:
+    """Per-category accuracy over `n` images per prompt; overall = mean of category accuracies.
+
+    `cfg_weight` / `cfg_cutoff` None: the model's own defaults (`janus.generation`)."""
     results, samples = [], []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
-        out = janus.generate_images([p["prompt"] for p in chunk], n=n, cfg_weight=cfg_weight, seed=seed + i)
+        out = janus.generate_images([p["prompt"] for p in chunk], n=n, cfg_weight=cfg_weight, cfg_cutoff=cfg_cutoff,
+                                    seed=seed + i)
         for k, p in enumerate(chunk):
             for j in range(n):
                 img = out.images[k * n + j]
@@ -125,12 +128,17 @@ def run_eval(janus, data_dir: Path, out_dir: Path, n: int = 4, cfg_weights=(1.0,
     prompts = _read(data_dir / "eval_geneval.jsonl")[:max_prompts]
     questions = _read(data_dir / "eval_vqa.jsonl")[:max_questions]
     t = time.time()
-    main = geneval(janus, prompts, n=n, cfg_weight=5.0, seed=seed, keep=32)
-    ablation = {w: (main if w == 5.0 else geneval(janus, prompts, n=n, cfg_weight=w, seed=seed))["all"]["overall"]
+    default_w, cutoff = janus.generation.cfg_weight, janus.generation.cfg_cutoff
+    main = geneval(janus, prompts, n=n, seed=seed, keep=32)
+    ablation = {w: (main if w == default_w else geneval(janus, prompts, n=n, cfg_weight=w, seed=seed))["all"]["overall"]
                 for w in cfg_weights}
+    # The same weights decoded the official way (every token kept), when the model's default cuts the tail.
+    uncut = {w: geneval(janus, prompts, n=n, cfg_weight=w, cfg_cutoff=0.0, seed=seed)["all"]["overall"]
+             for w in cfg_weights} if cutoff > 0 else None
     und = understanding(janus, questions, data_dir)
     val = scorer_validation(janus, prompts[:120])
-    report = {"geneval": {k: v for k, v in main.items() if k != "samples"}, "cfg_ablation": ablation,
+    report = {"geneval": {k: v for k, v in main.items() if k != "samples"}, "cfg_weight": default_w,
+              "cfg_cutoff": cutoff, "cfg_ablation": ablation, "cfg_ablation_no_cutoff": uncut,
               "understanding": und, "scorer": val, "seconds": round(time.time() - t, 1)}
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     grid(main["samples"]).save(out_dir / "samples.png")
@@ -140,7 +148,9 @@ def run_eval(janus, data_dir: Path, out_dir: Path, n: int = 4, cfg_weights=(1.0,
 
 def markdown(r: dict) -> str:
     g, u = r["geneval"], r["understanding"]
-    lines = ["# januskit evaluation (shapes world)", "", "## Generation (GenEval-style, CFG 5)", "",
+    default_w, cut = r.get("cfg_weight", 5.0), r.get("cfg_cutoff", 0.0)
+    lines = ["# januskit evaluation (shapes world)", "",
+             f"## Generation (GenEval-style, the model's default decoding: CFG {default_w:g}, cutoff {cut:g})", "",
              "| split | overall | " + " | ".join(CATEGORIES) + " |", "|---" * (len(CATEGORIES) + 2) + "|"]
     for split in ("seen", "held_out", "novel", "all"):
         cats = g[split]["categories"]
@@ -149,9 +159,12 @@ def markdown(r: dict) -> str:
     lines += ["", "Splits: `seen` = prompts without held-out colour-shape pairs, `held_out` = prompts naming one, `novel` ="
               " prompts that occur in no training sample (every two-object, position and colour-attribution prompt;"
               " single-object, colour and counting prompts are too few to reserve), `all` = every prompt.", "",
-              "CFG ablation (overall, all prompts, same seeds): "
-              + ", ".join(f"w={w:g}: {v:.3f}" for w, v in r["cfg_ablation"].items()), "",
-              "## Understanding", "", "| split | accuracy | count | color | shape | position | exist | POPE acc | "
+              f"CFG ablation (overall, all prompts, same seeds, cutoff {cut:g}): "
+              + ", ".join(f"w={w:g}: {v:.3f}" for w, v in r["cfg_ablation"].items()), ""]
+    if r.get("cfg_ablation_no_cutoff"):
+        lines += ["Without the cutoff (every token kept, the official decoding): "
+                  + ", ".join(f"w={w:g}: {v:.3f}" for w, v in r["cfg_ablation_no_cutoff"].items()), ""]
+    lines += ["## Understanding", "", "| split | accuracy | count | color | shape | position | exist | POPE acc | "
               "POPE F1 | yes-ratio |", "|---" * 10 + "|"]
     for split in ("seen", "held_out", "all"):
         b = u[split]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,8 @@ def add_cli(sub) -> None:
     p.add_argument("--max-questions", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the generation benchmark")
     p.add_argument("--int8", action="store_true", help="evaluate the int8 weight-only decoder")
+    p.add_argument("--cfg-cutoff", type=float, default=None,
+                   help="override the model's guidance cutoff (0: every token kept, the official decoding)")
     p.set_defaults(func=run)
 
 
@@ -24,6 +27,10 @@ def run(args) -> int:
     from .bench import run_eval
 
     janus = Janus.from_pretrained(args.model)
+    if args.cfg_cutoff is not None:
+        if not 0 <= args.cfg_cutoff < 1:
+            raise SystemExit(f"januskit eval: --cfg-cutoff must be in [0, 1), got {args.cfg_cutoff}")
+        janus.generation = dataclasses.replace(janus.generation, cfg_cutoff=args.cfg_cutoff)
     if args.int8:
         janus.quantize_int8()
     report = run_eval(janus, args.data, args.out, n=args.n, max_prompts=args.max_prompts,

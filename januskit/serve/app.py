@@ -2,7 +2,7 @@
 the model work happens in `Engine`.
 
     POST /v1/chat/completions   text + image_url (data URL) parts, stream (SSE), usage
-    POST /v1/images/generations prompt, n, size (native only), response_format b64_json; seed, cfg_weight, temperature
+    POST /v1/images/generations prompt, n, size (native only), response_format b64_json; seed, cfg_weight, cfg_cutoff, temperature
     GET  /v1/models, GET /health, GET / (the page), POST /ui/images + GET /ui/images/{id} (progress for the page)
 """
 
@@ -323,7 +323,8 @@ def create_app(janus, settings: Settings | None = None) -> FastAPI:
             raise APIError(400, "only response_format 'b64_json' is supported (this server stores no files)",
                            param="response_format")
         opts = {"n": _number(body, "n", 1, 1, settings.max_n, int),
-                "cfg_weight": _number(body, "cfg_weight", 5.0, 0.0, 20.0),
+                "cfg_weight": _number(body, "cfg_weight", None, 0.0, 20.0),  # None: the model's default
+                "cfg_cutoff": _number(body, "cfg_cutoff", None, 0.0, 0.99),
                 "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
                 "seed": _number(body, "seed", None, -(2**63), 2**63 - 1, int)}
         key = tuple(sorted(opts.items())) + ((uuid.uuid4().hex,) if opts["seed"] is not None else ())
