@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import SigLIPConfig
 
 
@@ -34,8 +35,10 @@ class ViTAttention(nn.Module):
     def forward(self, x):
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+        y = kernels.prefill_attention(qkv[0], qkv[1], qkv[2])  # (B, N, H, hd) on CPUs with the kernels, or None
+        if y is None:
+            y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2)
+        return self.proj(y.reshape(B, N, D))
 
 
 class ViTMLP(nn.Module):

@@ -127,6 +127,78 @@ class TestKernels:
             assert torch.equal(fused_norm, norm(x))
         assert torch.equal(fused_rope, apply_rope(q, cos, sin))
 
+    @pytest.mark.parametrize("B,H,Hkv,T,S,hd,causal,masked", [
+        (1, 4, 4, 131, 131, 128, True, False),   # a prompt: causal, T not a multiple of the 4-row / 64-key blocks
+        (2, 4, 2, 37, 50, 64, True, False),      # a later turn over a cache (S > T), grouped-query heads
+        (1, 3, 3, 70, 70, 64, False, False),     # the understanding encoder: every patch sees every patch
+        (2, 4, 4, 45, 45, 128, False, True),     # padded prompts: a boolean mask
+        (1, 2, 2, 1, 9, 64, True, False),        # one query
+    ])
+    def test_prefill_attention_matches_float32(self, B, H, Hkv, T, S, hd, causal, masked):
+        g = torch.Generator().manual_seed(T)
+        q = torch.randn(B, T, H, hd, generator=g).bfloat16().transpose(1, 2)  # the projection's layout, as a view
+        k, v = (torch.randn(B, Hkv, S, hd, generator=g).bfloat16() for _ in range(2))
+        allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T) if causal else torch.ones(T, S, dtype=torch.bool)
+        mask = None
+        if masked:
+            mask = (torch.rand(B, 1, T, S, generator=g) > 0.4) & allowed
+            mask[..., 0] = True
+            allowed = mask
+        rep = H // Hkv
+        ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(rep, 1),
+                                             v.float().repeat_interleave(rep, 1), attn_mask=allowed).transpose(1, 2)
+        y = kernels.prefill_attention(q, k, v, mask, causal=causal)
+        assert y.shape == (B, T, H, hd) and y.dtype == torch.bfloat16 and y.is_contiguous()
+        assert float((y.float() - ref).abs().max()) < 2e-2
+
+    def test_prefill_attention_row_that_sees_nothing_is_zero(self):
+        q, k = torch.randn(1, 2, 4, 64).bfloat16(), torch.randn(1, 2, 4, 64).bfloat16()
+        mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+        mask[..., 2, :] = False
+        y = kernels.prefill_attention(q, k, k, mask)
+        assert torch.isfinite(y.float()).all() and not y[0, 2].any() and y[0, 1].any()
+
+    def test_prefill_attention_declines_what_it_does_not_cover(self):
+        q = torch.randn(1, 2, 5, 64).bfloat16()
+        assert kernels.prefill_attention(q.float(), q.float(), q.float()) is None  # fp32
+        assert kernels.prefill_attention(q[..., :16], q[..., :16], q[..., :16]) is None  # head dim 16
+        assert kernels.prefill_attention(q, q, q, torch.zeros(1, 1, 5, 5)) is None  # a float (additive) mask
+        assert kernels.prefill_attention(q, q[:, :, :3], q[:, :, :3]) is None  # fewer keys than queries
+        with torch.enable_grad():
+            assert kernels.prefill_attention(q.requires_grad_(), q, q) is None  # training takes SDPA's backward
+
+    def test_silu_mul_matches_eager_bf16(self):
+        g = torch.Generator().manual_seed(1)
+        gate, up = ((torch.randn(300, 704, generator=g) * 4).bfloat16() for _ in range(2))
+        ref = F.silu(gate) * up
+        y = kernels.silu_mul(gate, up)
+        ulp = (ref.float().abs() * 2 ** -7).clamp_min(1e-30)  # one bf16 step
+        assert float(((y.float() - ref.float()).abs() / ulp).max()) <= 1.0
+        assert (y == ref).float().mean() > 0.99
+
+    def test_prompt_rows_rmsnorm_and_rope_match_the_eager_code(self, monkeypatch):
+        from januskit.llama import RMSNorm, apply_rope, rope_cos_sin
+
+        g = torch.Generator().manual_seed(2)
+        norm = RMSNorm(256).bfloat16()
+        norm.weight.data = torch.randn(256, generator=g).bfloat16()
+        x = (torch.randn(2, 300, 256, generator=g) * 3).bfloat16()
+        pos = torch.arange(300)[None].expand(2, 300)
+        cos, sin = rope_cos_sin(pos, 128, 10000.0, torch.bfloat16)  # (2, 1, 300, 128)
+        q = torch.randn(2, 300, 4, 128, generator=g).bfloat16()
+        with torch.no_grad():
+            fused_norm = norm(x)
+            fused_rope = kernels.rope(q.view(600, 4, 128), cos.reshape(600, 128), sin.reshape(600, 128))
+            monkeypatch.setattr(kernels, "_module", None)
+            monkeypatch.setattr(kernels, "_failed", "disabled by the test")
+            eager = norm(x)
+        # The mean of squares is summed in another order than eager's reduction: a handful of the 153600 values
+        # round to the neighbouring bf16 (2 here); RoPE has no reduction and is exact.
+        ulp = (eager.float().abs() * 2 ** -7).clamp_min(1e-30)
+        assert float(((fused_norm.float() - eager.float()).abs() / ulp).max()) <= 1.0
+        assert (fused_norm != eager).sum() <= 20
+        assert torch.equal(fused_rope.view(2, 300, 4, 128).transpose(1, 2), apply_rope(q.transpose(1, 2), cos, sin))
+
     def test_read_sum(self):
         a = torch.rand(64 * 5000)
         assert abs(kernels.read_sum(a) - float(a.double().sum())) < 1e-3 * float(a.sum())
@@ -196,6 +268,31 @@ def janus_example(name):
     from pathlib import Path
 
     return Path(kernels.__file__).parent.parent / "assets" / "examples" / name
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the kernels need an AVX-512 BF16 CPU")
+def test_understanding_encoder_and_prompt_with_kernels_match_the_fallback(monkeypatch):
+    from dataclasses import replace
+
+    from januskit.siglip import SigLIPViT
+
+    model, cfg = _shapes_model()
+    torch.manual_seed(0)
+    vit = SigLIPViT(replace(preset("janus-pro-1b").vision, layers=2)).to(torch.bfloat16).eval()  # 576 patches, hd 64
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, 384, 384, generator=g).bfloat16()
+    ids = torch.randint(3, cfg.llm.vocab_size, (2, 40), generator=g)
+
+    def run():
+        with torch.inference_mode():
+            return vit(pixels).float(), model.decoder(model.embed(ids)).float()
+
+    fast = run()
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", "disabled by the test")
+    slow = run()
+    for f, s in zip(fast, slow):
+        assert float((f - s).abs().max()) < 0.03 * float(s.abs().max())
 
 
 def test_fallback_path_generates(no_kernels):

@@ -70,5 +70,6 @@ def test_cache_reorder_repeats_rows():
     k0 = cache.k.clone()
     cache.reorder(torch.tensor([0, 0, 1, 1]))
     assert cache.k.shape[1] == 4
-    torch.testing.assert_close(cache.k[:, 1], k0[:, 0])
-    torch.testing.assert_close(cache.k[:, 3], k0[:, 1])
+    # Only the written positions are defined (the cache is allocated uninitialised).
+    torch.testing.assert_close(cache.k[:, 1, :, :3], k0[:, 0, :, :3])
+    torch.testing.assert_close(cache.k[:, 3, :, :3], k0[:, 1, :, :3])

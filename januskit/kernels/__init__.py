@@ -30,7 +30,7 @@ def _cpu_has_avx512_bf16() -> bool:
     return " avx512_bf16" in flags and " avx512bw" in flags
 
 
-_SOURCES = ("gemv_bf16.cpp", "decode_attention.cpp", "decode_elementwise.cpp")
+_SOURCES = ("gemv_bf16.cpp", "decode_attention.cpp", "decode_elementwise.cpp", "prefill_attention.cpp")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 
 
@@ -115,17 +115,25 @@ def fast_path(x: torch.Tensor) -> bool:
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """llama.RMSNorm of up to MAX_ROWS bf16 rows in one pass, or None where it does not apply."""
+    """llama.RMSNorm of bf16 rows in one pass, or None where it does not apply."""
     D = x.shape[-1]
-    if (x.numel() > MAX_ROWS * D or D % 16 or weight.dtype != torch.bfloat16 or not fast_path(x)
+    if (D % 16 or weight.dtype != torch.bfloat16 or not fast_path(x)
             or (torch.is_grad_enabled() and weight.requires_grad)):
         return None
     return _module.rmsnorm_bf16(x, weight, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """llama.apply_rope for one position per row: x (B, H, hd), cos/sin (B, hd); the caller checked fast_path."""
+    """llama.apply_rope for one position per row: x (N, H, hd), cos/sin (N, hd) (a prompt's B * T positions are N
+    rows); the caller checked fast_path and hd in (64, 128)."""
     return _module.rope_bf16(x, cos, sin)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """F.silu(gate) * up for bf16 tensors of the same shape in one pass, or None where it does not apply."""
+    if gate.shape != up.shape or up.dtype != torch.bfloat16 or gate.numel() % 16 or not fast_path(gate):
+        return None
+    return _module.silu_mul_bf16(gate, up)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -143,6 +151,26 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
             return None
         valid = mask.view(B, -1)
     return _module.decode_attention(q.view(B, H, hd), k, v, valid, scale).view(B, H, 1, hd)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                      causal: bool = False, scale: float | None = None) -> torch.Tensor | None:
+    """Attention of T queries over S >= T keys with `prefill_attention`, or None where it does not apply (then the
+    caller runs SDPA). q (B, H, T, hd), k / v (B, Hkv, S, hd) with contiguous head vectors (views of (B, T, H, hd)
+    projections are fine); mask None or boolean "may attend", broadcastable to (B, 1, T, S); causal: query i sees
+    keys j <= i + S - T. Returns (B, T, H, hd), contiguous: the layout the output projection wants."""
+    B, H, T, hd = q.shape
+    S = k.shape[2]
+    if (hd not in (64, 128) or not (q.dtype == k.dtype == v.dtype == torch.bfloat16) or S < T
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(2) % 2 or k.stride(2) % 2
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            or not fast_path(q)):
+        return None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, B):
+            return None
+        mask = mask.expand(mask.shape[0], 1, T, S)[:, 0]
+    return _module.prefill_attention(q, k, v, mask, causal, hd ** -0.5 if scale is None else scale)
 
 
 # Rows per call up to which the kernel beats F.linear here (2-core EPYC, weights out of cache, GB/s of weight read:

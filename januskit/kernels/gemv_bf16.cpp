@@ -122,13 +122,19 @@ double read_sum(torch::Tensor a) {
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> valid,
                                double scale);
 
+torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                                bool causal, double scale);
+
 torch::Tensor rmsnorm_bf16(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor rope_bf16(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor silu_mul_bf16(torch::Tensor gate, torch::Tensor up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rmsnorm_bf16", &rmsnorm_bf16, "RMSNorm of a few bf16 rows, eager rounding");
   m.def("rope_bf16", &rope_bf16, "rotary embedding of one position per row, eager rounding");
+  m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up in bf16, eager rounding");
   m.def("read_sum", &read_sum, "sum of a float32 tensor, streamed (memory-read probe)");
   m.def("decode_attention", &decode_attention, "one-query attention over a bf16 KV cache (AVX-512 BF16)");
+  m.def("prefill_attention", &prefill_attention, "prompt attention, causal or masked, bf16 (AVX-512 BF16)");
   m.def("linear_bf16", &linear_bf16, "y = x @ w.T + b, bf16, 1-16 rows (AVX-512 BF16), r weight rows a block");
 }
