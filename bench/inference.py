@@ -3,7 +3,8 @@
 Builds the real architecture (default janus-pro-1b) with seeded random weights, writes it in both layouts, and
 measures in one run, each implementation in its own subprocess (so peak memory is its own):
   - text-to-image decoding: image tokens/s for n=1 and n=4 (CFG doubles the rows), over --steps steps;
-  - understanding: prefill time for one image plus a question, then decode tokens/s;
+  - understanding: prefill time for one image plus a question (and its FLOP/s against the best GEMM of the same
+    rows measured alone), then decode tokens/s;
   - peak resident memory;
   - the roofline: bytes of weights (plus KV cache) read per decode step / measured memory bandwidth.
 
@@ -119,6 +120,44 @@ def decode_bytes_per_step(cfg, dtype, rows: int, context: int) -> int:
     l = cfg.llm
     kv = 2 * l.num_hidden_layers * l.num_key_value_heads * l.head_dim * context * rows
     return (n + kv) * el
+
+
+def matmul_peak(device: str, dtype: torch.dtype, tokens: int, reps: int = 5) -> float:
+    """FLOP/s of the best of the prompt's large products (tokens x 2048 x 5632 and back, tokens x 2048 x 2048) as
+    torch runs them alone: the ceiling a prefill's GEMMs can reach here."""
+    best = 0.0
+    for k, n in ((2048, 5632), (5632, 2048), (2048, 2048)):
+        x = torch.randn(tokens, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        torch.nn.functional.linear(x, w)
+        for _ in range(reps):
+            _sync(device)
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            _sync(device)
+            best = max(best, 2 * tokens * k * n / (time.perf_counter() - t))
+    return best
+
+
+def prefill_flops(cfg, tokens: int) -> float:
+    """Multiply-adds x 2 of an understanding prefill: the encoder over its patches (projections and attention), the
+    adaptor, the decoder over `tokens` positions (projections and causal attention, half the score matrix) and the
+    text head for the last one."""
+    from januskit.weights import build_on_meta
+
+    m = build_on_meta(cfg)
+    v, l = cfg.vision, cfg.llm
+    patches = (v.image_size // v.patch_size) ** 2
+
+    def linear_params(module):
+        return sum(x.weight.numel() for x in module.modules() if isinstance(x, torch.nn.Linear))
+
+    vision = 2 * patches * linear_params(m.vision_model) + 4 * v.depth * patches ** 2 * v.width
+    aligner = 2 * patches * linear_params(m.aligner)
+    llm = 2 * tokens * linear_params(m.language_model.model.layers)
+    llm += 2 * l.num_hidden_layers * tokens ** 2 * l.num_attention_heads * l.head_dim  # causal: half of 4 T^2 d
+    head = 2 * l.hidden_size * l.vocab_size
+    return float(vision + aligner + llm + head)
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -350,9 +389,14 @@ def main():
     # at some moment of the run would overstate every fraction.
     bw2, copy_bw2 = memory_bandwidth(args.device)
     bw, copy_bw = max(bw, bw2), max(copy_bw, copy_bw2)
+    tokens = next((r["prompt_tokens"] for _, runs in all_runs for r in runs.values() if "prompt_tokens" in r), 0)
+    peaks = {d: matmul_peak(args.device, DTYPES[d], tokens) for d in args.dtypes.split(",")} if tokens else {}
+    flops = prefill_flops(cfg, tokens) if tokens else 0.0
     print(f"\n{args.preset} on {args.device}, {args.threads} threads, measured read bandwidth {bw / 1e9:.1f} GB/s "
           f"(copy {copy_bw / 1e9:.1f} GB/s read+write); roofline = bytes per step / read bandwidth, "
-          f"{args.steps} image steps, {args.text_steps} text steps\n")
+          f"{args.steps} image steps, {args.text_steps} text steps; prefill of {tokens} tokens = "
+          f"{flops / 1e9:.0f} GFLOP, peak = the best {tokens}-row GEMM alone ("
+          + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()) + ")\n")
     for dtype, runs in all_runs:
         el_dtype = DTYPES[dtype]
         ctx = 20 + args.steps // 2
@@ -366,6 +410,9 @@ def main():
                 row[f"roofline_n{n}"] = (bytes_step / bw) / (r[f"image_step_ms_n{n}"] / 1e3)
             tb = decode_bytes_per_step(cfg, el_dtype, 1, r["prompt_tokens"])
             row["text_roofline"] = (tb / bw) * r["text_tok_s"]
+            if dtype in peaks:
+                row["prefill_gflop_s"] = flops / (r["prefill_ms"] / 1e3) / 1e9
+                row["prefill_peak"] = row["prefill_gflop_s"] * 1e9 / peaks[dtype]
             rows.append(row)
     _print_table(rows)
     if tmp is not None:
@@ -375,7 +422,8 @@ def main():
 def _print_table(rows):
     cols = [("impl", "{}"), ("dtype", "{}"), ("image_step_ms_n1", "{:.1f}"), ("image_tok_s_n1", "{:.2f}"),
             ("roofline_n1", "{:.0%}"), ("image_step_ms_n4", "{:.1f}"), ("image_tok_s_n4", "{:.2f}"),
-            ("roofline_n4", "{:.0%}"), ("prefill_ms", "{:.0f}"), ("text_tok_s", "{:.2f}"), ("text_roofline", "{:.0%}"),
+            ("roofline_n4", "{:.0%}"), ("prefill_ms", "{:.0f}"), ("prefill_gflop_s", "{:.0f}"), ("prefill_peak", "{:.0%}"),
+            ("text_tok_s", "{:.2f}"), ("text_roofline", "{:.0%}"),
             ("peak_rss_gib", "{:.2f}")]
     print("| " + " | ".join(c for c, _ in cols) + " |")
     print("|" + "---|" * len(cols))

@@ -2,10 +2,10 @@
 // S keys, causal or not, with an optional boolean mask; bfloat16 in and out, float32 scores, softmax and sums, on
 // AVX-512 BF16 CPUs.
 //
-// One task is four query rows of one head. Keys and values are first repacked per (batch, kv head) so that one
+// One task is 16 query rows of one head. Keys and values are first repacked per (batch, kv head) so that one
 // vdpbf16ps multiplies a query's pair of dims by the same pair of 16 keys (scores), or a pair of probabilities by
 // the same pair of rows of 16 value dims (output); the softmax is the streaming one (running max and sum), over
-// blocks of 64 keys, and a causal row stops at its own position. SDPA's CPU flash kernel reached ~150 GFLOP/s here
+// blocks of 32 keys, and a causal row stops at its own position. SDPA's CPU flash kernel reached ~150 GFLOP/s here
 // on Janus-Pro-1B's prompt of one image; this runs the same products on the vector units directly.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -19,8 +19,8 @@
 
 namespace {
 
-constexpr int QR = 4;   // query rows per task
-constexpr int KB = 64;  // keys per softmax block: 4 tiles of 16
+constexpr int RB = 16;  // query rows per task: a block of keys and values is read from L2 once for all of them
+constexpr int KB = 32;  // keys per softmax block (2 tiles of 16): its keys and values stay in L1
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // exp for x <= 0 (scores minus their running max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6
@@ -102,98 +102,101 @@ void rows_task(const Problem& pb, int64_t b, int64_t h, int64_t i0) {
   const uint16_t* kp = pb.kp + (b * pb.Hkv + g) * pb.S_pad * D;
   const uint16_t* vp = pb.vp + (b * pb.Hkv + g) * pb.S_pad * D;
   const int64_t off = pb.S - pb.T;  // a causal row i sees keys j <= i + off
-  const int nrows = static_cast<int>(std::min<int64_t>(QR, pb.T - i0));
-  const uint32_t* qrow[QR];
-  for (int r = 0; r < QR; ++r) {
+  const int nrows = static_cast<int>(std::min<int64_t>(RB, pb.T - i0));
+  const uint32_t* qrow[RB];
+  int64_t limit[RB];  // row r sees keys j < limit[r] (and, with a mask, only those it allows)
+  for (int r = 0; r < RB; ++r) {
     const int64_t i = std::min<int64_t>(i0 + r, pb.T - 1);
     qrow[r] = reinterpret_cast<const uint32_t*>(pb.q + b * pb.qs0 + h * pb.qs1 + i * pb.qs2);
+    limit[r] = pb.causal ? std::min<int64_t>(pb.S, i + off + 1) : pb.S;
   }
-  const int64_t kend = pb.causal ? std::min<int64_t>(pb.S, i0 + nrows + off) : pb.S;
-  alignas(64) float o[QR][D];
-  alignas(64) uint16_t prob[QR][KB];
-  float m[QR], l[QR], corr[QR];
-  for (int r = 0; r < QR; ++r) {
+  const int64_t kend = limit[RB - 1];
+  alignas(64) float o[RB][D];
+  alignas(64) uint16_t prob[RB][KB];
+  float m[RB], l[RB], corr[RB];
+  for (int r = 0; r < RB; ++r) {
     m[r] = NEG_INF;
     l[r] = 0.0f;
     std::memset(o[r], 0, sizeof(o[r]));
   }
   const __m512 scale = _mm512_set1_ps(pb.scale);
   for (int64_t j0 = 0; j0 < kend; j0 += KB) {
-    // Scores of QR rows x 64 keys.
-    __m512 acc[QR][4];
-    for (int r = 0; r < QR; ++r)
-      for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
+    // Scores, 8 rows x 32 keys at a time: a key tile is loaded once for 8 rows.
     const uint16_t* kt = kp + (j0 / 16) * P * 32;
-    for (int p = 0; p < P; ++p) {
-      __m512bh kv[4];
-      for (int t = 0; t < 4; ++t) kv[t] = (__m512bh)_mm512_loadu_si512(kt + (t * P + p) * 32);
-      for (int r = 0; r < QR; ++r) {
-        const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qrow[r][p]));
-        for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], kv[t], qb);
+    for (int r0 = 0; r0 < RB; r0 += 8) {
+      __m512 acc[8][2];
+      for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      if (limit[r0 + 7] > j0) {  // (a causal group wholly before this block sees none of it)
+        for (int p = 0; p < P; ++p) {
+          const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt + p * 32);
+          const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt + (P + p) * 32);
+          for (int r = 0; r < 8; ++r) {
+            const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qrow[r0 + r][p]));
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], k0, qb);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], k1, qb);
+          }
+        }
+      }
+      // Streaming softmax: the keys each row may see, the block's max, the rescale of what came before.
+      for (int rr = 0; rr < 8; ++rr) {
+        const int r = r0 + rr;
+        const int64_t i = std::min<int64_t>(i0 + r, pb.T - 1);
+        __mmask16 ok[2];
+        __m512 sc[2];
+        __m512 mx = _mm512_set1_ps(NEG_INF);
+        for (int t = 0; t < 2; ++t) {
+          const int64_t jt = j0 + 16 * t;
+          ok[t] = first_n(limit[r] - jt);
+          if (pb.mask && ok[t]) {
+            const uint8_t* mrow = pb.mask + b * pb.mask_bs + i * pb.S + jt;
+            ok[t] &= _mm_cmpneq_epi8_mask(_mm_maskz_loadu_epi8(ok[t], mrow), _mm_setzero_si128());
+          }
+          sc[t] = _mm512_mask_mul_ps(_mm512_set1_ps(NEG_INF), ok[t], acc[rr][t], scale);
+          mx = _mm512_max_ps(mx, sc[t]);
+        }
+        const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+        if (m_new == NEG_INF) {  // nothing visible yet: probabilities 0, nothing to rescale
+          std::memset(prob[r], 0, sizeof(prob[r]));
+          corr[r] = 1.0f;
+          continue;
+        }
+        corr[r] = m[r] == NEG_INF ? 0.0f : std::exp(m[r] - m_new);
+        m[r] = m_new;
+        const __m512 mv = _mm512_set1_ps(m_new);
+        const __m512 e0 = _mm512_maskz_mov_ps(ok[0], exp_nonpositive(_mm512_sub_ps(sc[0], mv)));
+        const __m512 e1 = _mm512_maskz_mov_ps(ok[1], exp_nonpositive(_mm512_sub_ps(sc[1], mv)));
+        l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+        _mm512_storeu_si512(prob[r], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
       }
     }
-    // Streaming softmax: which keys each row may see, the block's max, rescale of what came before.
-    for (int r = 0; r < QR; ++r) {
-      const int64_t i = std::min<int64_t>(i0 + r, pb.T - 1);
-      const int64_t limit = pb.causal ? std::min<int64_t>(pb.S, i + off + 1) : pb.S;  // keys j < limit
-      __mmask16 ok[4];
-      __m512 s[4];
-      __m512 mx = _mm512_set1_ps(NEG_INF);
-      for (int t = 0; t < 4; ++t) {
-        const int64_t jt = j0 + 16 * t;
-        ok[t] = first_n(limit - jt);
-        if (pb.mask && ok[t]) {
-          const uint8_t* mrow = pb.mask + b * pb.mask_bs + i * pb.S + jt;
-          const __m128i bytes = _mm_maskz_loadu_epi8(ok[t], mrow);
-          ok[t] &= _mm_cmpneq_epi8_mask(bytes, _mm_setzero_si128());
-        }
-        s[t] = _mm512_mask_mul_ps(_mm512_set1_ps(NEG_INF), ok[t], acc[r][t], scale);
-        mx = _mm512_max_ps(mx, s[t]);
-      }
-      const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
-      if (m_new == NEG_INF) {  // nothing visible yet: probabilities 0, nothing to rescale
-        std::memset(prob[r], 0, sizeof(prob[r]));
-        corr[r] = 1.0f;
+    // Output += probabilities x values: 4 rows x 64 dims at a time, a value chunk loaded once for 4 rows.
+    const int64_t pairs = (std::min<int64_t>(KB, kend - j0) + 1) / 2;  // an odd tail's second key has p = 0
+    const uint16_t* vb = vp + j0 * D;
+    for (int r0 = 0; r0 < RB; r0 += 4) {
+      if (limit[r0 + 3] <= j0) {  // causal rows before this block: unchanged (their corr is 1)
         continue;
       }
-      corr[r] = m[r] == NEG_INF ? 0.0f : std::exp(m[r] - m_new);
-      m[r] = m_new;
-      const __m512 mv = _mm512_set1_ps(m_new);
-      __m512 sum = _mm512_setzero_ps();
-      __m512 e[4];
-      for (int t = 0; t < 4; ++t) {
-        e[t] = _mm512_maskz_mov_ps(ok[t], exp_nonpositive(_mm512_sub_ps(s[t], mv)));
-        sum = _mm512_add_ps(sum, e[t]);
+      const uint32_t* pr[4];
+      __m512 cr[4];
+      for (int r = 0; r < 4; ++r) {
+        pr[r] = reinterpret_cast<const uint32_t*>(prob[r0 + r]);
+        cr[r] = _mm512_set1_ps(corr[r0 + r]);
       }
-      l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(sum);
-      _mm512_storeu_si512(prob[r], (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
-      _mm512_storeu_si512(prob[r] + 32, (__m512i)_mm512_cvtne2ps_pbh(e[3], e[2]));
-    }
-    // Output += probabilities x values, two rows at a time (their 2 x D / 16 sums stay in registers).
-    const int64_t pairs = std::min<int64_t>(KB, kend - j0 + 1) / 2;  // an odd tail pair has p = 0 for its key 2
-    const uint16_t* vb = vp + j0 * D;
-    for (int r = 0; r < QR; r += 2) {
-      __m512 o0[C], o1[C];
-      const __m512 c0 = _mm512_set1_ps(corr[r]), c1 = _mm512_set1_ps(corr[r + 1]);
-      for (int c = 0; c < C; ++c) {
-        o0[c] = _mm512_mul_ps(_mm512_load_ps(o[r] + 16 * c), c0);
-        o1[c] = _mm512_mul_ps(_mm512_load_ps(o[r + 1] + 16 * c), c1);
-      }
-      const uint32_t* p0 = reinterpret_cast<const uint32_t*>(prob[r]);
-      const uint32_t* p1 = reinterpret_cast<const uint32_t*>(prob[r + 1]);
-      for (int64_t q = 0; q < pairs; ++q) {
-        const __m512bh b0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(p0[q]));
-        const __m512bh b1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(p1[q]));
-        const uint16_t* vq = vb + q * 2 * D;
-        for (int c = 0; c < C; ++c) {
-          const __m512bh vv = (__m512bh)_mm512_loadu_si512(vq + 32 * c);
-          o0[c] = _mm512_dpbf16_ps(o0[c], vv, b0);
-          o1[c] = _mm512_dpbf16_ps(o1[c], vv, b1);
+      for (int c0 = 0; c0 < C; c0 += 4) {
+        __m512 acc[4][4];
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_mul_ps(_mm512_load_ps(o[r0 + r] + 16 * (c0 + c)), cr[r]);
+        for (int64_t q = 0; q < pairs; ++q) {
+          const uint16_t* vq = vb + q * 2 * D + 32 * c0;
+          __m512bh vv[4];
+          for (int c = 0; c < 4; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(vq + 32 * c);
+          for (int r = 0; r < 4; ++r) {
+            const __m512bh pb2 = (__m512bh)_mm512_set1_epi32(static_cast<int>(pr[r][q]));
+            for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], vv[c], pb2);
+          }
         }
-      }
-      for (int c = 0; c < C; ++c) {
-        _mm512_store_ps(o[r] + 16 * c, o0[c]);
-        _mm512_store_ps(o[r + 1] + 16 * c, o1[c]);
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) _mm512_store_ps(o[r0 + r] + 16 * (c0 + c), acc[r][c]);
       }
     }
   }
@@ -257,15 +260,15 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
   pb.B = B, pb.H = H, pb.Hkv = Hkv, pb.T = T, pb.S = S, pb.S_pad = S_pad;
   pb.causal = causal;
   pb.scale = static_cast<float>(scale);
-  const int64_t blocks = (T + QR - 1) / QR;
+  const int64_t blocks = (T + RB - 1) / RB;
   // Tasks in (batch, head, row block) order; causal rows near the end cost more, so hand out small chunks.
-  at::parallel_for(0, B * H * blocks, 8, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B * H * blocks, 2, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t % blocks, bh = t / blocks, b = bh / H, h = bh % H;
       if (hd == 128)
-        rows_task<128>(pb, b, h, blk * QR);
+        rows_task<128>(pb, b, h, blk * RB);
       else
-        rows_task<64>(pb, b, h, blk * QR);
+        rows_task<64>(pb, b, h, blk * RB);
     }
   });
   return out;
