@@ -31,6 +31,7 @@ def _cpu_has_avx512_bf16() -> bool:
 
 
 _SOURCES = ("gemv_bf16.cpp", "decode_attention.cpp", "decode_elementwise.cpp", "prefill_attention.cpp")
+_HEADERS = ("vec_math.h",)
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 
 
@@ -43,8 +44,8 @@ def _build():
     from torch.utils.cpp_extension import _get_build_directory, load
 
     here = Path(__file__).parent
-    texts = {n: (here / n).read_bytes() for n in _SOURCES}
-    digest = hashlib.sha1(b"".join(texts[n] for n in _SOURCES) + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    texts = {n: (here / n).read_bytes() for n in _SOURCES + _HEADERS}
+    digest = hashlib.sha1(b"".join(texts[n] for n in _SOURCES + _HEADERS) + " ".join(_FLAGS).encode()).hexdigest()[:12]
     name = f"januskit_cpu_kernels_{digest}"
     build = Path(_get_build_directory(name, False))
     src = build / "src"

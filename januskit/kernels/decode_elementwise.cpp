@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "vec_math.h"
+
 namespace {
 
 inline __m512 load_bf16(const uint16_t* p) {
@@ -95,27 +97,6 @@ torch::Tensor rope_bf16(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
-namespace {
-
-// e^x in float32: 2^n * p(r), r = x - n ln2, degree-6 polynomial (relative error ~2e-7), x clamped to [-100, 88.7].
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.0f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-}  // namespace
-
 // The MLP's bf16(bf16(silu(gate)) * up), as F.silu(gate) * up computes it in bfloat16; gate, up (M, F) contiguous,
 // F a multiple of 16.
 torch::Tensor silu_mul_bf16(torch::Tensor gate, torch::Tensor up) {
@@ -132,7 +113,8 @@ torch::Tensor silu_mul_bf16(torch::Tensor gate, torch::Tensor up) {
   at::parallel_for(0, n, 2048, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const __m512 g = load_bf16(gp + 16 * i);
-      const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+      const __m512 e = januskit::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+      const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, e)));
       store_bf16(op + 16 * i, _mm512_mul_ps(silu, load_bf16(up_ + 16 * i)));
     }
   });

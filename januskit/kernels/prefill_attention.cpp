@@ -17,29 +17,13 @@
 #include <limits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 constexpr int RB = 16;  // query rows per task: a block of keys and values is read from L2 once for all of them
 constexpr int KB = 32;  // keys per softmax block (2 tiles of 16): its keys and values stay in L1
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-
-// exp for x <= 0 (scores minus their running max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6
-// polynomial (relative error ~2e-7); below -100 the result underflows to 0.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 inline __mmask16 first_n(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : (n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1));
@@ -163,8 +147,8 @@ void rows_task(const Problem& pb, int64_t b, int64_t h, int64_t i0) {
         corr[r] = m[r] == NEG_INF ? 0.0f : std::exp(m[r] - m_new);
         m[r] = m_new;
         const __m512 mv = _mm512_set1_ps(m_new);
-        const __m512 e0 = _mm512_maskz_mov_ps(ok[0], exp_nonpositive(_mm512_sub_ps(sc[0], mv)));
-        const __m512 e1 = _mm512_maskz_mov_ps(ok[1], exp_nonpositive(_mm512_sub_ps(sc[1], mv)));
+        const __m512 e0 = _mm512_maskz_mov_ps(ok[0], januskit::exp_ps(_mm512_sub_ps(sc[0], mv)));
+        const __m512 e1 = _mm512_maskz_mov_ps(ok[1], januskit::exp_ps(_mm512_sub_ps(sc[1], mv)));
         l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
         _mm512_storeu_si512(prob[r], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
       }
