@@ -26,9 +26,9 @@ def test_installed_and_small():
 
 
 def test_answers_fixed_questions(janus):
-    # Scenes and questions from a seed no training set uses. The shipped model answers 46 of these 48 (and 0.88 of
-    # the world's held-out VQA questions, README); chance is about a third (counts 0-4, six colours, three shapes,
-    # yes/no).
+    # Scenes and questions from a seed no training set uses (the first three a scene: counts, colour, shape). The
+    # shipped model answers all 48 (and 0.95 of the world's held-out VQA questions, README); chance is about a third
+    # (counts 0-4, six colours, three shapes, yes/no).
     rng = random.Random(20261125)
     cases = []
     for _ in range(16):
@@ -38,7 +38,7 @@ def test_answers_fixed_questions(janus):
               {"role": "assistant", "content": ""}] for s, q in cases]
     replies = janus.chat_batch(convs, max_new_tokens=4, temperature=0)
     right = [r.text.strip().rstrip(".").lower() == q["answer"] for r, (_, q) in zip(replies, cases)]
-    assert sum(right) >= 0.8 * len(cases), [(q["question"], q["answer"], r.text) for r, (_, q) in zip(replies, cases)]
+    assert sum(right) >= 0.9 * len(cases), [(q["question"], q["answer"], r.text) for r, (_, q) in zip(replies, cases)]
 
 
 def test_answers_about_a_drawn_scene(janus):
