@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -99,6 +99,16 @@ class GenerationDefaults:
 
     FILE = "generation.json"
 
+    def __post_init__(self):
+        if self.cfg_weight < 0 or not 0 <= self.cfg_cutoff < 1:
+            raise JanusError(f"need cfg_weight >= 0 and 0 <= cfg_cutoff < 1, got {self.cfg_weight} and "
+                             f"{self.cfg_cutoff}")
+
+    def override(self, cfg_weight: float | None = None, cfg_cutoff: float | None = None) -> "GenerationDefaults":
+        """These defaults with the given values (None: keep), checked."""
+        given = {"cfg_weight": cfg_weight, "cfg_cutoff": cfg_cutoff}
+        return replace(self, **{k: float(v) for k, v in given.items() if v is not None})
+
     @classmethod
     def read(cls, directory: Path) -> "GenerationDefaults":
         path = Path(directory) / cls.FILE
@@ -117,10 +127,10 @@ class GenerationDefaults:
         for key, value in raw.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise JanusError(f"{path}: '{key}' must be a number, got {value!r}")
-        out = cls(**{k: float(v) for k, v in raw.items()})
-        if out.cfg_weight < 0 or not 0 <= out.cfg_cutoff < 1:
-            raise JanusError(f"{path}: need cfg_weight >= 0 and 0 <= cfg_cutoff < 1, got {raw}")
-        return out
+        try:
+            return cls(**{k: float(v) for k, v in raw.items()})
+        except JanusError as e:
+            raise JanusError(f"{path}: {e}") from None
 
     def write(self, directory: Path) -> None:
         path = Path(directory) / self.FILE
@@ -343,10 +353,7 @@ class Janus:
 
         `cfg_weight` and `cfg_cutoff` (see `sampling.cfg_merge`) default to the checkpoint's `generation`.
         """
-        cfg_weight = self.generation.cfg_weight if cfg_weight is None else cfg_weight
-        cfg_cutoff = self.generation.cfg_cutoff if cfg_cutoff is None else cfg_cutoff
-        if cfg_weight < 0 or not 0 <= cfg_cutoff < 1:
-            raise JanusError(f"need cfg_weight >= 0 and 0 <= cfg_cutoff < 1, got {cfg_weight} and {cfg_cutoff}")
+        decoding = self.generation.override(cfg_weight, cfg_cutoff)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise JanusError("no prompt given")
@@ -361,8 +368,8 @@ class Janus:
             raise JanusError(f"prompt of {longest} tokens plus {num} image tokens exceeds the context length "
                              f"{self.config.llm.max_position_embeddings}")
         tokens = generate_image_tokens(
-            self.model, list(cond), list(uncond), self.processor.pad_id, n=n, cfg_weight=cfg_weight,
-            cfg_cutoff=cfg_cutoff, temperature=temperature, top_k=top_k, top_p=top_p,
+            self.model, list(cond), list(uncond), self.processor.pad_id, n=n, cfg_weight=decoding.cfg_weight,
+            cfg_cutoff=decoding.cfg_cutoff, temperature=temperature, top_k=top_k, top_p=top_p,
             generator=_generator(seed, self.device),
             num_tokens=num, on_step=on_step,
         )

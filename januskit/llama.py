@@ -98,17 +98,15 @@ class Attention(nn.Module):
         fast = self.hd in (64, 128) and kernels.fast_path(x)
         if fast and cache is not None and T == 1:
             return self._decode_step(x, cos.view(B, -1), sin.view(B, -1), mask, cache)
-        if fast:  # fused RoPE over all B * T positions, straight from the projections' (B*T, heads * hd) layout
-            cos, sin = (t.expand(B, 1, T, self.hd).reshape(B * T, self.hd) for t in (cos, sin))
-            q = kernels.rope(self.q_proj(x).view(B * T, self.n_head, self.hd), cos, sin)
-            k = kernels.rope(self.k_proj(x).view(B * T, self.n_kv, self.hd), cos, sin)
-            q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
-            k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
-            v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        else:
-            q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
-            k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
-            v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B*T, heads * hd)
+        if fast:  # fused RoPE over all B * T positions, straight from the projections' layout
+            rows = [t.expand(B, 1, T, self.hd).reshape(B * T, self.hd) for t in (cos, sin)]
+            q = kernels.rope(q.view(B * T, self.n_head, self.hd), *rows)
+            k = kernels.rope(k.view(B * T, self.n_kv, self.hd), *rows)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if not fast:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, k, v)  # (B, n_kv, S, hd)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -27,10 +26,7 @@ def run(args) -> int:
     from .bench import run_eval
 
     janus = Janus.from_pretrained(args.model)
-    if args.cfg_cutoff is not None:
-        if not 0 <= args.cfg_cutoff < 1:
-            raise SystemExit(f"januskit eval: --cfg-cutoff must be in [0, 1), got {args.cfg_cutoff}")
-        janus.generation = dataclasses.replace(janus.generation, cfg_cutoff=args.cfg_cutoff)
+    janus.generation = janus.generation.override(cfg_cutoff=args.cfg_cutoff)
     if args.int8:
         janus.quantize_int8()
     report = run_eval(janus, args.data, args.out, n=args.n, max_prompts=args.max_prompts,

@@ -45,7 +45,7 @@ def _build():
 
     here = Path(__file__).parent
     texts = {n: (here / n).read_bytes() for n in _SOURCES + _HEADERS}
-    digest = hashlib.sha1(b"".join(texts[n] for n in _SOURCES + _HEADERS) + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(b"".join(texts.values()) + " ".join(_FLAGS).encode()).hexdigest()[:12]
     name = f"januskit_cpu_kernels_{digest}"
     build = Path(_get_build_directory(name, False))
     src = build / "src"
