@@ -6,7 +6,7 @@ import random
 import numpy as np
 from PIL import ImageFilter
 
-from januskit.data.world import CATEGORIES, HELD_OUT, build_dataset, caption, questions, random_scene, random_spec, \
+from januskit.data.world import CATEGORIES, HELD_OUT, build_dataset, caption, questions, random_scene, relation_questions, random_spec, \
     scene_for_spec, spec_text
 from januskit.eval.shapescore import answer, check_prompt, detect
 
@@ -64,6 +64,26 @@ def test_lone_shape_questions(tmp_path):
         answers = [m["content"] for m in c["messages"][1::2]]
         want = {(r["question"], r["answer"]) for r in vqa if r["image"] == c["messages"][0]["images"][0]}
         assert set(zip(asked, answers)) == want
+
+
+def test_relation_questions_come_in_contrasting_pairs(tmp_path):
+    """Two-shape scenes get position questions in both orders (one yes, one no), true of the rendered image."""
+    rng = random.Random(3)
+    for _ in range(200):
+        scene = random_scene(rng, n=2)
+        qs = relation_questions(scene, rng)
+        if {(o.color, o.shape) for o in scene.objects} == {(scene.objects[0].color, scene.objects[0].shape)}:
+            assert qs == []  # two objects of one name: no way to tell which is meant
+            continue
+        assert len(qs) in (2, 4) and [q["answer"] for q in qs] == ["yes", "no"] * (len(qs) // 2)
+        for q in qs:
+            assert q["qtype"] == "position"
+            assert answer(q["question"], detect(scene.render(64))) == q["answer"], q
+    build_dataset(tmp_path, 30, 0, n_eval=12)
+    pairs = [c for c in _read(tmp_path / "chat.jsonl") if len(c["scene"]["objects"]) == 2
+             and all(q["content"].split("\n")[-1].startswith("Is the ") and " the " in q["content"]
+                     for q in c["messages"][::2])]
+    assert len(pairs) >= 8
 
 
 def test_captions_questions_and_balance():

@@ -269,6 +269,22 @@ def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_ou
     return qs
 
 
+def relation_questions(scene: Scene, rng: random.Random, relations: int = 2) -> list[dict]:
+    """Position questions contrasted within one image: for up to `relations` relations that hold between two named
+    objects, the question in both orders (one yes, one no), so the answer can only come from where each one is."""
+    named = [o for o in scene.objects if sum(p.color == o.color and p.shape == o.shape for p in scene.objects) == 1]
+    if len(named) < 2:
+        return []
+    a, b = rng.sample(named, 2)
+    holding = [(x, rel, y) for rel in RELATIONS for x, y in ((a, b), (b, a)) if relation_holds(x, rel, y)]
+    qs = []
+    for x, rel, y in rng.sample(holding, min(relations, len(holding))):
+        for p, q, ans in ((x, y, "yes"), (y, x, "no")):
+            qs.append({"question": f"Is the {p.color} {p.shape} {rel} the {q.color} {q.shape}?", "answer": ans,
+                       "qtype": "position"})
+    return qs
+
+
 def text_document(rng: random.Random, held_out=HELD_OUT) -> str:
     facts = ["A triangle has three sides.", "A square has four equal sides.", "A circle is round and has no corners.",
              "Red, green, blue, yellow, purple and orange are colors.", "One plus one is two.",
@@ -322,6 +338,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
 
     rng = random.Random(seed)
     srng = random.Random(seed * 7_919 + 23)  # single-object questions (their own stream: the rest stays the same)
+    prng = random.Random(seed * 7_919 + 29)  # two-shape relation questions (likewise)
     w = _Writer(out, size)
     rec: dict[str, list[dict]] = {k: [] for k in ("caption", "caption_qa", "vqa", "class_to_image", "text_to_image",
                                                   "interleaved", "text", "chat", "chat_image")}
@@ -370,6 +387,15 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
             lone = questions(one, srng, held_out)
             rec["vqa"] += [{"kind": "vqa", "image": one_img, **q, "scene": one.to_dict()} for q in lone]
             rec["chat"].append(_chat_record(one_img, lone, srng, one.to_dict()))
+        if i % 3 == 1:
+            # The same for relations: on two-shape scenes, position questions in contrasting pairs (A above B: yes,
+            # B above A: no). One such question per mixed scene left every model at chance on position.
+            pair = random_scene(prng, held_out, n=2)
+            rel_qs = relation_questions(pair, prng)
+            if rel_qs:
+                pair_img = w.image(pair)
+                rec["vqa"] += [{"kind": "vqa", "image": pair_img, **q, "scene": pair.to_dict()} for q in rel_qs]
+                rec["chat"].append(_chat_record(pair_img, rel_qs, prng, pair.to_dict()))
         if i % 2 == 0:
             scenes = [random_scene(rng, held_out) for _ in range(rng.choice((2, 3)))]
             segs = [{"text": "Some pictures of shapes."}]
