@@ -98,22 +98,33 @@ class Attention(nn.Module):
         fast = self.hd in (64, 128) and kernels.fast_path(x)
         if fast and cache is not None and T == 1:
             return self._decode_step(x, cos.view(B, -1), sin.view(B, -1), mask, cache)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B*T, heads * hd)
-        if fast:  # fused RoPE over all B * T positions, straight from the projections' layout
+        q, k, v = self._project(x, B, T, cos, sin, fast)
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v)  # (B, n_kv, S, hd)
+        # A prompt on the CPU kernels: the prompt attention kernel, GQA inside; it declines masks it does not take.
+        y = kernels.prefill_attention(q, k, v, mask, causal=mask is None) if fast else None  # (B, T, n_head, hd)
+        if y is None:
+            y = self._sdpa(q, k, v, mask).transpose(1, 2)
+        return self.o_proj(y.reshape(B * T, self.n_head * self.hd)).view(B, T, -1)
+
+    def _project(self, x, B, T, cos, sin, fused_rope: bool):
+        """q (B, n_head, T, hd), k and v (B, n_kv, T, hd) with RoPE applied, as views of the (B*T, heads * hd)
+        projections; `fused_rope`: the RoPE kernel over all B * T positions, straight from that layout."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if fused_rope:
             rows = [t.expand(B, 1, T, self.hd).reshape(B * T, self.hd) for t in (cos, sin)]
             q = kernels.rope(q.view(B * T, self.n_head, self.hd), *rows)
             k = kernels.rope(k.view(B * T, self.n_kv, self.hd), *rows)
-        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        if not fast:
+        if not fused_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(self.layer, k, v)  # (B, n_kv, S, hd)
-        if fast:  # a prompt: the CPU attention kernel, GQA inside
-            y = kernels.prefill_attention(q, k, v, mask, causal=mask is None)  # (B, T, n_head, hd) or None
-            if y is not None:
-                return self.o_proj(y.view(B * T, self.n_head * self.hd)).view(B, T, -1)
+        return q, k, v
+
+    def _sdpa(self, q, k, v, mask):
+        """The general attention: SDPA of q (B, n_head, T, hd) over k, v (B, n_kv, S, hd), any mask, device, dtype."""
+        T = q.shape[2]
         if self.n_kv != self.n_head:
             rep = self.n_head // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -121,13 +132,10 @@ class Attention(nn.Module):
             # Plain causal attention over everything so far: with a cache, the T new queries sit at the end.
             causal = T > 1
             if causal and k.shape[2] != T:
-                mask = causal_mask(T, k.shape[2], x.device)
+                mask = causal_mask(T, k.shape[2], q.device)
                 causal = False
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, attn_mask=mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B * T, self.n_head * self.hd)  # (B*T, n_head * hd)
-        return self.o_proj(y).view(B, T, -1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def _decode_step(self, x, cos, sin, mask, cache: KVCache):
         """One new token per row with the CPU kernels: fused RoPE, attention over the cache, GQA inside."""
@@ -137,9 +145,7 @@ class Attention(nn.Module):
         k, v = cache.write(self.layer, k[:, :, None], self.v_proj(x).view(B, self.n_kv, 1, self.hd))
         y = kernels.decode_attention(q[:, :, None], k, v, mask, self.hd ** -0.5)
         if y is None:  # a mask the kernel does not take: SDPA over the same cache
-            rep = self.n_head // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask)
+            y = self._sdpa(q[:, :, None], k, v, mask)
         return self.o_proj(y.reshape(B, self.n_head * self.hd)).view(B, 1, -1)
 
 
