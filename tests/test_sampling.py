@@ -2,7 +2,7 @@
 
 import torch
 
-from januskit.sampling import cfg_merge, filter_logits, sample
+from januskit.sampling import cfg_merge, draw, filter_logits, sample
 
 
 def test_temperature_zero_is_argmax():
@@ -15,6 +15,18 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
     draw = lambda s: sample(logits, 1.0, generator=torch.Generator().manual_seed(s))
     assert torch.equal(draw(1), draw(1))
     assert not torch.equal(torch.stack([draw(1) for _ in range(3)]), torch.stack([draw(s) for s in (2, 3, 4)]))
+
+
+def test_draw_follows_the_distribution_and_never_draws_zero_probability():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.stack([draw(probs, gen) for _ in range(4000)])  # (4000, 2)
+    freq = torch.bincount(ids[:, 0], minlength=5).float() / len(ids)
+    assert freq[1] == 0 and freq[4] == 0
+    assert (freq - probs[0]).abs().max() < 0.03, freq  # ~4 standard errors at 4000 draws
+    assert (ids[:, 1] == 4).all()
+    # unnormalised rows (a softmax in float32 sums to 1 only up to rounding) sample the same way
+    assert torch.equal(draw(probs * 3, torch.Generator().manual_seed(5)), draw(probs, torch.Generator().manual_seed(5)))
 
 
 def test_top_k_and_top_p_restrict_support():
