@@ -15,7 +15,7 @@ namespace {
 
 template <int M, int R>
 void rows_block(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t K, int64_t N,
-                int64_t n) {
+                int64_t n, int64_t ahead) {
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -23,7 +23,7 @@ void rows_block(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint
     __m512bh wv[R];
     for (int r = 0; r < R; ++r) {
       const uint16_t* p = w + (n + r) * K + k;
-      _mm_prefetch(reinterpret_cast<const char*>(p + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T0);
       wv[r] = (__m512bh)_mm512_loadu_si512(p);
     }
     for (int m = 0; m < M; ++m) {
@@ -43,11 +43,16 @@ void rows_block(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint
 template <int M, int R>
 void gemv(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t K, int64_t N) {
   const int64_t blocks = N / R;
+  // Software prefetch distance (bf16 elements): one weight row at a time prefetches 2 KB further along its row;
+  // blocks of several rows prefetch the next block's rows at the same column, which is where the loop goes next
+  // (8 activation rows: 23-25 against 16-23 GB/s of weight read with the row-wise 2 KB on this 2-core EPYC).
+  // Prefetches past the end of the weight are harmless (a prefetch never faults).
+  const int64_t ahead = R > 1 ? R * K : 1024;
   // Grain: enough weight rows per task that the threads' blocks are long sequential streams.
   at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) rows_block<M, R>(x, w, bias, y, K, N, b * R);
+    for (int64_t b = b0; b < b1; ++b) rows_block<M, R>(x, w, bias, y, K, N, b * R, ahead);
   });
-  for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1>(x, w, bias, y, K, N, n);
+  for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1>(x, w, bias, y, K, N, n, 1024);
 }
 
 // Accumulators: R * M zmm registers of the 32 (R weight rows at a time), R + 1 more for the loaded vectors. The
