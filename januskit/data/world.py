@@ -232,6 +232,11 @@ def scene_for_spec(spec: dict, rng: random.Random, held_out=HELD_OUT, allow_held
 
 
 # ---------------------------------------------------------------------------------------------- questions
+def _named(objs: list[Obj]) -> list[Obj]:
+    """The objects that "the <colour> <shape>" picks out: the only one of their colour and shape in the scene."""
+    return [o for o in objs if sum(p.color == o.color and p.shape == o.shape for p in objs) == 1]
+
+
 def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_out=False) -> list[dict]:
     """Visual QA for a scene: count, colour, shape, position, existence (balanced yes/no)."""
     objs = scene.objects
@@ -248,7 +253,7 @@ def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_ou
     if uniq_c:
         o = rng.choice(uniq_c)
         qs.append({"question": f"What shape is the {o.color} object?", "answer": o.shape, "qtype": "shape"})
-    named = [o for o in objs if sum(p.color == o.color and p.shape == o.shape for p in objs) == 1]
+    named = _named(objs)
     if len(named) >= 2:
         a, b = rng.sample(named, 2)
         rel = rng.choice(RELATIONS)
@@ -272,7 +277,7 @@ def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_ou
 def relation_questions(scene: Scene, rng: random.Random, relations: int = 2) -> list[dict]:
     """Position questions contrasted within one image: for up to `relations` relations that hold between two named
     objects, the question in both orders (one yes, one no), so the answer can only come from where each one is."""
-    named = [o for o in scene.objects if sum(p.color == o.color and p.shape == o.shape for p in scene.objects) == 1]
+    named = _named(scene.objects)
     if len(named) < 2:
         return []
     a, b = rng.sample(named, 2)

@@ -13,6 +13,8 @@
 
 namespace {
 
+constexpr int64_t kRowAhead = 1024;  // prefetch distance along one weight row, bf16 elements (2 KB)
+
 template <int M, int R>
 void rows_block(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t K, int64_t N,
                 int64_t n, int64_t ahead) {
@@ -47,12 +49,12 @@ void gemv(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* 
   // blocks of several rows prefetch the next block's rows at the same column, which is where the loop goes next
   // (8 activation rows: 23-25 against 16-23 GB/s of weight read with the row-wise 2 KB on this 2-core EPYC).
   // Prefetches past the end of the weight are harmless (a prefetch never faults).
-  const int64_t ahead = R > 1 ? R * K : 1024;
+  const int64_t ahead = R > 1 ? R * K : kRowAhead;
   // Grain: enough weight rows per task that the threads' blocks are long sequential streams.
   at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) rows_block<M, R>(x, w, bias, y, K, N, b * R, ahead);
   });
-  for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1>(x, w, bias, y, K, N, n, 1024);
+  for (int64_t n = blocks * R; n < N; ++n) rows_block<M, 1>(x, w, bias, y, K, N, n, kRowAhead);
 }
 
 // Accumulators: R * M zmm registers of the 32 (R weight rows at a time), R + 1 more for the loaded vectors. The
