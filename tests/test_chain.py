@@ -238,3 +238,45 @@ def test_merge_codes_leaves_one_code_per_content_group():
     assert any(not torch.equal(before[k], v) for k, v in vq.decoder.state_dict().items())  # decoder fine-tuned
     with pytest.raises(ValueError, match="labelled cells"):
         vqmod.merge_codes(vq, imgs, labels[:, :, :2], steps=0)
+
+
+def test_factored_head_scores_a_code_by_the_sum_of_its_attributes():
+    from januskit.pretrain.cells import HEADS, code_contents, factored_head
+
+    def content(shape, color, size):
+        return (shape * HEADS[1] + color) * HEADS[2] + size
+
+    # Codes 0-4 hold: empty, (triangle, purple, small), (square, purple, small), (triangle, red, small),
+    # (square, red, small); code 5 is what the majority of its cells hold; code 6 is never chosen.
+    held = {0: content(0, 0, 0), 1: content(3, 5, 1), 2: content(2, 5, 1), 3: content(3, 1, 1), 4: content(2, 1, 1)}
+    codes = torch.tensor([0, 1, 2, 3, 4, 5, 5, 5] * 2).view(1, 16)
+    labels = torch.zeros(1, 3, 4, 4, dtype=torch.long)
+    cells = list(held.values()) + [content(1, 2, 2), content(1, 2, 2), content(1, 3, 2)]
+    for i, c in enumerate(cells * 2):
+        labels[0, :, i // 4, i % 4] = torch.tensor([c // (HEADS[1] * HEADS[2]), c // HEADS[2] % HEADS[1], c % HEADS[2]])
+    contents = code_contents(codes, labels, 7)
+    assert contents.tolist() == list(held.values()) + [content(1, 2, 2), -1]
+    weight, bias = factored_head(contents, 32, seed=0)
+    assert bias.tolist() == [0.0] * 6 + [-30.0] and weight[6].abs().sum() == 0
+    h = torch.randn(5, 32)
+    logits = h @ weight.t() + bias
+    # Changing the shape moves the logit by the same amount whatever the colour: purple triangle - purple square ==
+    # red triangle - red square, so the first is learnt from the other three.
+    torch.testing.assert_close(logits[:, 1] - logits[:, 2], logits[:, 3] - logits[:, 4])
+    with pytest.raises(ValueError, match="width 8"):
+        factored_head(contents, 8)
+
+
+def test_chain_with_the_factored_head_keeps_it_frozen(tmp_path):
+    from safetensors.torch import load_file
+
+    from januskit.pretrain.chain import FACTORED_HEAD
+
+    run_chain(tmp_path, fast=True, factored_head=True)
+    info = json.loads((tmp_path / "stage0" / ".done").read_text())
+    assert info["factored_head"] and info["codes_with_content"] >= 2
+    key = FACTORED_HEAD.replace("*", "weight")
+    start, end = (load_file(str(tmp_path / d / "model.safetensors"))[key] for d in ("stage0", "model"))
+    assert torch.equal(start.float(), end.float()) and start.abs().sum() > 0
+    with pytest.raises(ValueError, match="factored image head"):
+        run_chain(tmp_path, fast=True)

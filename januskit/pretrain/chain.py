@@ -77,8 +77,13 @@ def _step(out: Path, name: str, timings: dict):
     return run
 
 
-def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | None = None) -> Path:
-    """Run (or resume) the chain; returns the exported model directory."""
+def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | None = None,
+              factored_head: bool = False) -> Path:
+    """Run (or resume) the chain; returns the exported model directory.
+
+    `factored_head`: the image head's last layer scores a code as the sum of its shape, colour and size
+    (`cells.factored_head`), frozen in every stage, so that the held-out pair can be drawn from what the other codes
+    taught about its attributes (experimental; an OUT keeps the choice it was started with)."""
     from ..api import GenerationDefaults
     from . import llm as llm_mod
     from . import siglip as siglip_mod
@@ -170,10 +175,17 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
             sd.update(read_state_dict_file(f))
         load_into(build_on_meta(config), sd)  # strict check of names and shapes
         model.load_state_dict(sd)
+        info = {"params": sum(p.numel() for p in model.parameters()), "factored_head": factored_head}
+        if factored_head:
+            info["codes_with_content"] = _factor_head(model, seed, n=64 if fast else 2000)
         Janus(model, proc).save_pretrained(d)
-        return {"params": sum(p.numel() for p in model.parameters())}
+        return info
 
     stage0 = _step(out, "stage0", timings)(assemble)
+    made_with = json.loads((stage0 / ".done").read_text()).get("factored_head", False)
+    if made_with != factored_head:
+        raise ValueError(f"{out} was started {'with' if made_with else 'without'} the factored image head; "
+                         f"resume it the same way or start another --out")
 
     def codes_step(d):
         from ..data.codes import prepare_codes
@@ -188,13 +200,39 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
 
     previous = stage0
     for stage, steps in zip((1, 2, 3), size.stage_steps):
-        previous = _run_stage(out, stage, steps, previous, data, codes, size, timings)
+        previous = _run_stage(out, stage, steps, previous, data, codes, size, timings,
+                              frozen=[FACTORED_HEAD] if factored_head else [])
     final = out / "model"
     if not (final / "config.json").exists():
         shutil.copytree(previous, final, dirs_exist_ok=True)
     GenerationDefaults(cfg_cutoff=SHAPES_CFG_CUTOFF).write(final)
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     return final
+
+
+FACTORED_HEAD = "gen_head.vision_head.*"
+
+
+def _factor_head(model, seed: int, n: int) -> int:
+    """Set the image head's last layer to `cells.factored_head` of what each of the model's VQ codes holds, read
+    from n scenes that include the held-out pairs (as the VQ's own training images did). Returns how many codes
+    hold something."""
+    from .cells import code_contents, factored_head
+    from .vq import pil_to_tensor
+
+    rng = random.Random(seed + 3)
+    scenes = [random_scene(rng, allow_held_out=True, n=rng.randint(1, GRID * GRID)) for _ in range(n)]
+    vq = model.gen_vision_model.eval()
+    with torch.no_grad():
+        pixels = pil_to_tensor([s.render(model.config.vq.image_size) for s in scenes])
+        codes = torch.cat([vq.encode(x) for x in pixels.split(64)])
+    contents = code_contents(codes, torch.stack([cell_labels(s) for s in scenes]), model.config.vq.codebook_size)
+    head = model.gen_head.vision_head
+    weight, bias = factored_head(contents, head.in_features, seed)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return int((contents >= 0).sum())
 
 
 def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -204,7 +242,7 @@ def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _run_stage(out: Path, stage: int, steps: int, start: Path, data: Path, codes: Path, size: ChainSize,
-               timings: dict) -> Path:
+               timings: dict, frozen: list[str] = ()) -> Path:
     from ..train import checkpoint
     from ..train.loop import train
     from ..train.recipe import load_recipe
@@ -218,6 +256,8 @@ def _run_stage(out: Path, stage: int, steps: int, start: Path, data: Path, codes
     overrides = [f"model.checkpoint={start}", f"output_dir={run_dir}", f"train.steps={steps}",
                  f"train.global_batch={size.global_batch}", f"data.codes={codes}"]
     overrides += [f"data.sources.{s['name']}.path={data / Path(s['path']).name}" for s in recipe.data.sources]
+    if frozen:
+        overrides.append(f"train.frozen={json.dumps(list(recipe.train.frozen) + list(frozen))}")
     recipe = load_recipe(f"shapes-stage{stage}", overrides)
     t = time.time()
     # An interrupted stage resumes from its newest checkpoint (written under run_dir/checkpoints/).

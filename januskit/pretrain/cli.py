@@ -12,6 +12,9 @@ def add_cli(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a seconds-long toy version of every step (smoke test)")
     p.add_argument("--install", action="store_true", help="copy the result into the package as the default model")
+    p.add_argument("--factored-head", action="store_true",
+                   help="experimental: the image head scores a code by the sum of its shape, colour and size (frozen), "
+                        "aiming at drawing the held-out pair")
     p.set_defaults(func=run)
 
 
@@ -19,7 +22,7 @@ def run(args) -> int:
     from .chain import install_default, run_chain
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    model = run_chain(args.out, seed=args.seed, fast=args.fast)
+    model = run_chain(args.out, seed=args.seed, fast=args.fast, factored_head=args.factored_head)
     print(model)
     if args.install:
         print(install_default(model))
