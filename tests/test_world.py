@@ -79,7 +79,7 @@ def test_relation_questions_come_in_contrasting_pairs(tmp_path):
         for q in qs:
             assert q["qtype"] == "position"
             assert answer(q["question"], detect(scene.render(64))) == q["answer"], q
-    build_dataset(tmp_path, 30, 0, n_eval=12)
+    build_dataset(tmp_path, 30, 0, n_eval=12, relation_pairs=True)
     pairs = [c for c in _read(tmp_path / "chat.jsonl") if len(c["scene"]["objects"]) == 2
              and all(q["content"].split("\n")[-1].startswith("Is the ") and " the " in q["content"]
                      for q in c["messages"][::2])]

@@ -317,8 +317,13 @@ class _Writer:
         return rel
 
 
-def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT, n_eval: int = 300) -> dict:
-    """Write every training manifest (about n records per kind) and the held-out evaluation sets."""
+def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT, n_eval: int = 300,
+                  relation_pairs: bool = False) -> dict:
+    """Write every training manifest (about n records per kind) and the held-out evaluation sets.
+
+    `relation_pairs`: also two-shape scenes with position questions in contrasting pairs (off by default: the one
+    full chain trained with them, 2026-12-02, left position at chance, 0.53, and lost elsewhere: understanding 0.85
+    against 0.95, shape 0.83 against 0.99, generation 0.91 against 0.93)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Evaluation prompts come first, from their own random stream (held-out combinations allowed and flagged),
@@ -392,7 +397,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
             lone = questions(one, srng, held_out)
             rec["vqa"] += [{"kind": "vqa", "image": one_img, **q, "scene": one.to_dict()} for q in lone]
             rec["chat"].append(_chat_record(one_img, lone, srng, one.to_dict()))
-        if i % 3 == 1:
+        if relation_pairs and i % 3 == 1:
             # The same for relations: on two-shape scenes, position questions in contrasting pairs (A above B: yes,
             # B above A: no). One such question per mixed scene left every model at chance on position.
             pair = random_scene(prng, held_out, n=2)
