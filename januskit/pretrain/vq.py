@@ -129,7 +129,7 @@ def merge_codes(vq: VQModel, images: torch.Tensor, labels: torch.Tensor, steps: 
     join the nearest group), then the decoder is fine-tuned on the merged codes for `steps` (encoder and codebook
     frozen). What is left of a code beyond its content (which neighbour it had, say) is noise to the generator and
     nothing to the picture."""
-    from .cells import content_index
+    from .cells import code_contents
 
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(images), generator=g)[:sample]
@@ -137,14 +137,14 @@ def merge_codes(vq: VQModel, images: torch.Tensor, labels: torch.Tensor, steps: 
         z = F.normalize(torch.cat([vq._latents(c) for c in images[pick].split(64)]), dim=-1).flatten(0, 2)  # (P, C)
         codes = vq.quantize.nearest(z)  # (P,)
         used = codes.unique().tolist()
-        content = content_index(labels[pick]).flatten()  # (P,), cells in raster order
-        if len(content) != len(codes):
-            raise ValueError(f"merge_codes: {len(codes)} latents for {len(content)} labelled cells")
+        w = vq.quantize.embedding.weight
+        try:
+            contents = code_contents(codes, labels[pick], len(w))  # (K,) majority content per code
+        except ValueError as e:
+            raise ValueError(f"merge_codes: {e}") from None
         groups: dict[int, list[int]] = {}
         for code in used:
-            majority = int(content[codes == code].mode().values)
-            groups.setdefault(majority, []).append(code)
-        w = vq.quantize.embedding.weight
+            groups.setdefault(int(contents[code]), []).append(code)
         centroids = torch.stack([F.normalize(z[torch.isin(codes, torch.tensor(m))].mean(0), dim=-1)
                                  for m in groups.values()])  # (contents, C)
         for members, c in zip(groups.values(), centroids):
