@@ -6,8 +6,8 @@ import random
 import numpy as np
 from PIL import ImageFilter
 
-from januskit.data.world import CATEGORIES, HELD_OUT, build_dataset, caption, questions, random_scene, relation_questions, random_spec, \
-    scene_for_spec, spec_text
+from januskit.data.world import CATEGORIES, HELD_OUT, build_dataset, caption, cell_of, final_answer, questions, random_scene, \
+    relation_questions, random_spec, scene_for_spec, spec_text
 from januskit.eval.shapescore import answer, check_prompt, detect
 
 
@@ -96,7 +96,7 @@ def test_captions_questions_and_balance():
         for o in scene.objects:
             assert f"{o.size} {o.color} {o.shape}" in cap
         for q in questions(scene, rng):
-            assert answer(q["question"], detect(scene.render(64))) == q["answer"], q
+            assert answer(q["question"], detect(scene.render(64))) == final_answer(q["answer"]), q
             if q["qtype"] == "exist":
                 total += 1
                 yes += q["answer"] == "yes"
@@ -142,3 +142,28 @@ def test_spec_scenes_lay_objects_out_in_the_order_named():
         rel = (spec.get("relation") or {}).get("rel")
         before = reading(firsts[1]) < reading(firsts[0]) if rel == "below" else reading(firsts[0]) < reading(firsts[1])
         assert before, (spec_text(spec), scene.to_dict())
+
+
+def test_position_answers_give_true_rows_and_columns_first():
+    """A reasoned position answer names the grid row (above / below) or column (left / right) of each object, counted
+    from 1, then ends in the yes or no that the rendered image bears out; `final_answer` reads that word back."""
+    rng = random.Random(5)
+    seen = set()
+    for _ in range(600):
+        scene = random_scene(rng)
+        for q in questions(scene, rng, reasons=True):
+            if q["qtype"] != "position":
+                continue
+            text, body = q["answer"], q["question"][len("Is the "):-1]  # "red circle above the blue square"
+            axis = "row" if (" above " in body or " below " in body) else "column"
+            numbers = [int(w.rstrip(",")) for w in text.split() if w.rstrip(",").isdigit()]
+            a, b = (next(o for o in scene.objects if f"{o.color} {o.shape}" == name)
+                    for name in (" ".join(body.split()[:2]), body.split(" the ")[-1]))
+            want = [cell_of(o.x, o.y)[0 if axis == "row" else 1] + 1 for o in (a, b)]
+            assert f" {axis} " in text and numbers == want, (q, scene)
+            assert final_answer(text) == answer(q["question"], detect(scene.render(64))), (q, scene)
+            seen.add(final_answer(text))
+    assert seen == {"yes", "no"}
+    assert final_answer(" Yes.") == "yes" and final_answer("The red circle is in row 1, so no.") == "no"
+    plain = [q for q in questions(random_scene(random.Random(9), n=3), random.Random(9))]
+    assert all(q["answer"] in ("yes", "no") for q in plain if q["qtype"] == "position")

@@ -237,8 +237,30 @@ def _named(objs: list[Obj]) -> list[Obj]:
     return [o for o in objs if sum(p.color == o.color and p.shape == o.shape for p in objs) == 1]
 
 
-def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_out=False) -> list[dict]:
-    """Visual QA for a scene: count, colour, shape, position, existence (balanced yes/no)."""
+def position_answer(a: Obj, rel: str, b: Obj) -> str:
+    """The answer to "Is the <a> <rel> the <b>?" with its reason first: where each one is (the grid row for above and
+    below, the column for left and right, counted from 1 at the top / left), then "so yes" or "so no". Said first,
+    the rows or columns turn the question into comparing two small numbers the model has just written."""
+    axis = "row" if rel in ("above", "below") else "column"
+    ra, ca = cell_of(a.x, a.y)
+    rb, cb = cell_of(b.x, b.y)
+    ia, ib = (ra, rb) if axis == "row" else (ca, cb)
+    ans = "yes" if relation_holds(a, rel, b) else "no"
+    return f"The {a.color} {a.shape} is in {axis} {ia + 1} and the {b.color} {b.shape} is in {axis} {ib + 1}, so {ans}."
+
+
+def final_answer(text: str) -> str:
+    """What an answer comes to: the word after its last "so " for a reasoned answer, else the whole answer; lower
+    case, without the closing full stop."""
+    t = text.strip().lower().rstrip(".").strip()
+    cut = t.rfind(", so ")
+    return t[cut + len(", so "):].strip() if cut >= 0 else t
+
+
+def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_out=False,
+              reasons: bool = False) -> list[dict]:
+    """Visual QA for a scene: count, colour, shape, position, existence (balanced yes/no). `reasons`: position
+    answers give the rows or columns before the yes or no (`position_answer`); else a bare yes or no."""
     objs = scene.objects
     qs = [{"question": "How many shapes are there?", "answer": str(len(objs)), "qtype": "count"}]
     s = rng.choice(SHAPES)
@@ -258,7 +280,7 @@ def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_ou
         a, b = rng.sample(named, 2)
         rel = rng.choice(RELATIONS)
         if relation_holds(a, rel, b) or relation_holds(b, rel, a):
-            ans = "yes" if relation_holds(a, rel, b) else "no"
+            ans = position_answer(a, rel, b) if reasons else "yes" if relation_holds(a, rel, b) else "no"
             qs.append({"question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?", "answer": ans,
                        "qtype": "position"})
     present = scene.combos()
@@ -318,8 +340,11 @@ class _Writer:
 
 
 def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT, n_eval: int = 300,
-                  relation_pairs: bool = False) -> dict:
+                  relation_pairs: bool = False, position_reasons: bool = False) -> dict:
     """Write every training manifest (about n records per kind) and the held-out evaluation sets.
+
+    `position_reasons`: position questions are answered with the rows or columns first (`position_answer`), in
+    training and in the evaluation set (which is scored on the final yes or no, `final_answer`).
 
     `relation_pairs`: also two-shape scenes with position questions in contrasting pairs (off by default: the one
     full chain trained with them, 2026-12-02, left position at chance, 0.53, and lost elsewhere: understanding 0.85
@@ -361,7 +386,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
         rec["caption"].append({"kind": "caption", "image": img, "text": cap, "scene": sd})
         rec["caption_qa"].append({"kind": "caption_qa", "image": img, "question": "Describe the image in detail.",
                                   "answer": cap, "scene": sd})
-        qs = questions(scene, rng, held_out)
+        qs = questions(scene, rng, held_out, reasons=position_reasons)
         for q in qs:
             rec["vqa"].append({"kind": "vqa", "image": img, **q, "scene": sd})
         # SFT chats are multi-turn, as in LLaVA-style data: every question about the image, in a random order (its
@@ -426,7 +451,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
             scene.objects[0].color, scene.objects[0].shape = c, s
         img = w.image(scene)
         held = bool(scene.combos() & set(held_out))
-        for q in questions(scene, erng, held_out, allow_held_out=True):
+        for q in questions(scene, erng, held_out, allow_held_out=True, reasons=position_reasons):
             vqa.append({"image": img, **q, "held_out": held, "scene": scene.to_dict()})
     _write_jsonl(out / "eval_geneval.jsonl", geneval)
     _write_jsonl(out / "eval_vqa.jsonl", vqa)

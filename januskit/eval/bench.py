@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..data.world import CATEGORIES, scene_for_spec
+from ..data.world import CATEGORIES, final_answer, scene_for_spec
 from ..vq import to_uint8
 from .shapescore import check_prompt, detect
 
@@ -62,10 +62,6 @@ def _summarise(results) -> dict:
             "novel": block([r for r in results if not r[3]]), "all": block(results)}
 
 
-def _norm(s: str) -> str:
-    return s.strip().lower().rstrip(".").strip()
-
-
 def understanding(janus, records: list[dict], data_dir: Path, batch: int = 16) -> dict:
     rows = []
     for i in range(0, len(records), batch):
@@ -73,14 +69,15 @@ def understanding(janus, records: list[dict], data_dir: Path, batch: int = 16) -
         convs = [[{"role": "user", "content": f"<image_placeholder>\n{r['question']}",
                    "images": [Image.open(data_dir / r["image"]).convert("RGB")]},
                   {"role": "assistant", "content": ""}] for r in chunk]
-        for r, reply in zip(chunk, janus.chat_batch(convs, max_new_tokens=6, temperature=0)):
-            rows.append((r, _norm(reply.text)))
+        # Reasoned answers ("The red circle is in row 1 and ..., so yes.") are scored on their final yes or no.
+        for r, reply in zip(chunk, janus.chat_batch(convs, max_new_tokens=40, temperature=0)):
+            rows.append((r, final_answer(reply.text)))
 
     def block(sel):
         by = defaultdict(list)
         for r, a in sel:
-            by[r["qtype"]].append(a == r["answer"])
-        exist = [(r["answer"], a) for r, a in sel if r["qtype"] == "exist"]
+            by[r["qtype"]].append(a == final_answer(r["answer"]))
+        exist = [(final_answer(r["answer"]), a) for r, a in sel if r["qtype"] == "exist"]
         tp = sum(g == "yes" and a == "yes" for g, a in exist)
         fp = sum(g == "no" and a == "yes" for g, a in exist)
         fn = sum(g == "yes" and a != "yes" for g, a in exist)
