@@ -250,7 +250,7 @@ def position_answer(a: Obj, rel: str, b: Obj) -> str:
 
 
 def final_answer(text: str) -> str:
-    """What an answer comes to: the word after its last "so " for a reasoned answer, else the whole answer; lower
+    """What an answer comes to: what follows its last ", so " for a reasoned answer, else the whole answer; lower
     case, without the closing full stop."""
     t = text.strip().lower().rstrip(".").strip()
     cut = t.rfind(", so ")
