@@ -102,7 +102,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(self.layer, k, v)  # (B, n_kv, S, hd)
         # A prompt on the CPU kernels: the prompt attention kernel, GQA inside; it declines masks it does not take.
-        y = kernels.prefill_attention(q, k, v, mask, causal=mask is None) if fast else None  # (B, T, n_head, hd)
+        y = kernels.prompt_attention(q, k, v, mask, causal=mask is None) if fast else None  # (B, T, n_head, hd)
         if y is None:
             y = self._sdpa(q, k, v, mask).transpose(1, 2)
         return self.o_proj(y.reshape(B * T, self.n_head * self.hd)).view(B, T, -1)

@@ -35,7 +35,7 @@ class ViTAttention(nn.Module):
     def forward(self, x):
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
-        y = kernels.prefill_attention(qkv[0], qkv[1], qkv[2])  # (B, N, H, hd) on CPUs with the kernels, or None
+        y = kernels.prompt_attention(qkv[0], qkv[1], qkv[2])  # (B, N, H, hd) on CPUs with the kernels, or None
         if y is None:
             y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2)
         return self.proj(y.reshape(B, N, D))

@@ -167,6 +167,14 @@ class TestKernels:
         with torch.enable_grad():
             assert kernels.prefill_attention(q.requires_grad_(), q, q) is None  # training takes SDPA's backward
 
+    def test_prompt_attention_takes_the_kernel_only_where_it_beats_sdpa(self, monkeypatch):
+        q = torch.randn(1, 2, 8, 64).bfloat16()
+        monkeypatch.setattr(kernels, "PROMPT_ATTENTION_KERNEL", False)
+        assert kernels.prompt_attention(q, q, q) is None
+        monkeypatch.setattr(kernels, "PROMPT_ATTENTION_KERNEL", True)
+        y = kernels.prompt_attention(q, q, q)
+        assert torch.equal(y, kernels.prefill_attention(q, q, q))
+
     def test_silu_mul_matches_eager_bf16(self):
         g = torch.Generator().manual_seed(1)
         gate, up = ((torch.randn(300, 704, generator=g) * 4).bfloat16() for _ in range(2))
@@ -287,6 +295,7 @@ def test_understanding_encoder_and_prompt_with_kernels_match_the_fallback(monkey
         with torch.inference_mode():
             return vit(pixels).float(), model.decoder(model.embed(ids)).float()
 
+    monkeypatch.setattr(kernels, "PROMPT_ATTENTION_KERNEL", True)  # AMX CPUs keep SDPA for prompts: test the kernel
     fast = run()
     monkeypatch.setattr(kernels, "_module", None)
     monkeypatch.setattr(kernels, "_failed", "disabled by the test")
