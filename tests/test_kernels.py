@@ -46,6 +46,23 @@ class TestKernels:
         assert y.dtype == torch.bfloat16 and y.shape == (rows, 1003)
         assert _rel_err(y, ref) < 1e-2  # the bf16 rounding of the output, nothing more
 
+    @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 12, 16])
+    @pytest.mark.parametrize("bias", [False, True])
+    def test_linear_int8_matches_the_dequantized_product(self, rows, bias):
+        g = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, 256, generator=g).bfloat16()
+        q = torch.randint(-127, 128, (1003, 256), generator=g, dtype=torch.int8)
+        scale = (torch.rand(1003, generator=g) * 0.02 + 1e-3).bfloat16()
+        b = torch.randn(1003, generator=g).bfloat16() if bias else None
+        ref = F.linear(x.float(), q.float() * scale.float()[:, None], None if b is None else b.float())
+        y = kernels.linear_int8(x, q, scale, b)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, 1003)
+        assert _rel_err(y, ref) < 1e-2
+        with pytest.raises(RuntimeError, match="int8 weight"):
+            kernels.linear_int8(x, q.bfloat16(), scale)
+        with pytest.raises(RuntimeError, match="scale of 3 for 1003"):
+            kernels.linear_int8(x, q, scale[:3])
+
     def test_linear_bf16_rejects_what_it_cannot_do(self):
         x, w = torch.randn(2, 48).bfloat16(), torch.randn(8, 48).bfloat16()
         with pytest.raises(RuntimeError, match="multiple of 32"):

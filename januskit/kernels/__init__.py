@@ -113,6 +113,14 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
     return mod.linear_bf16(x, w, b, _block_rows(x.shape[0]))
 
 
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """(x (M <= 16, K) bf16 @ q (N, K).T int8) * scale (N,) (+ b) -> (M, N) bf16, fp32 accumulation; K % 32 == 0."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"januskit kernels unavailable: {_failed}")
+    return mod.linear_int8(x, q, scale, b, _block_rows(x.shape[0]))
+
+
 def read_sum(a: torch.Tensor) -> float:
     """Sum of a contiguous float32 tensor (numel a multiple of 64), streamed: the benchmark's memory-read probe."""
     if _load() is None:
