@@ -164,7 +164,6 @@ class Janus:
     def __init__(self, model: JanusModel, processor: JanusProcessor, device="cpu", dtype=torch.float32,
                  low_memory: bool = False, generation: GenerationDefaults | None = None):
         self.model = model.eval()
-        self.model.stack_projections()
         self.generation = generation or GenerationDefaults()
         self.processor = processor
         self.config: JanusConfig = model.config
@@ -241,7 +240,6 @@ class Janus:
         if dtype is not None:
             self.dtype = resolve_dtype(dtype)
         self.model.to(device=self.device, dtype=self.dtype)
-        self.model.stack_projections()
         return self
 
     # ------------------------------------------------------------------------------------------ understanding

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AlignerConfig, GenHeadConfig, JanusConfig
-from . import kernels
 from .kernels import Linear
 from .llama import LlamaLM
 from .siglip import VisionTower
@@ -65,12 +64,6 @@ class JanusModel(nn.Module):
     @property
     def decoder(self):
         return self.language_model.model
-
-    def stack_projections(self) -> None:
-        """Inference layout: each decoder MLP's gate and up weights back to back in one tensor (still two parameters
-        of the same names), so that an inference forward runs them as one product. Redo it after moving the model."""
-        for block in self.decoder.layers:
-            kernels.stack_weights(block.mlp.gate_proj, block.mlp.up_proj)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Understanding images (N, 3, S, S) -> LLM-space features (N, num_image_tokens, D)."""

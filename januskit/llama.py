@@ -159,12 +159,8 @@ class MLP(nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (B*T, D)
-        w = None if torch.is_grad_enabled() else kernels.stacked_weight(self.gate_proj, self.up_proj)
-        if w is not None:  # inference with stacked weights (JanusModel.stack_projections): one product for both
-            gate, up = kernels.linear(x, w).split(self.up_proj.out_features, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        h = kernels.silu_mul(gate, up)  # bf16 inference on CPU: one pass (reads the halves in place); otherwise None
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        h = kernels.silu_mul(gate, up)  # bf16 inference on CPU: one pass; otherwise None
         return self.down_proj(F.silu(gate) * up if h is None else h).view(shape)
 
 

@@ -198,15 +198,10 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
-def _own(t: torch.Tensor) -> torch.Tensor:
-    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
-
-
 def save_state_dict(sd: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write safetensors, sharded with an index when larger than `max_shard_bytes`."""
     directory = Path(directory)
-    # A view of a larger tensor (stacked projection weights) is written as a copy of its own elements.
-    sd = {k: _own(v.detach().contiguous().cpu()) for k, v in sd.items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in sd.items():

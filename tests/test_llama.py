@@ -73,31 +73,3 @@ def test_cache_reorder_repeats_rows():
     # Only the written positions are defined (the cache is allocated uninitialised).
     torch.testing.assert_close(cache.k[:, 1, :, :3], k0[:, 0, :, :3])
     torch.testing.assert_close(cache.k[:, 3, :, :3], k0[:, 1, :, :3])
-
-
-def test_stacked_gate_and_up_weights_change_nothing_but_the_layout():
-    from januskit import kernels
-
-    lm = _lm()
-    x = torch.randn(2, 7, 32)
-    with torch.no_grad():
-        before, sd = lm.model(x), {k: v.clone() for k, v in lm.state_dict().items()}
-    mlps = [b.mlp for b in lm.model.layers]
-    assert all(kernels.stacked_weight(m.gate_proj, m.up_proj) is None for m in mlps)
-    assert all(kernels.stack_weights(m.gate_proj, m.up_proj) for m in mlps)
-    w = kernels.stacked_weight(mlps[0].gate_proj, mlps[0].up_proj)
-    assert w.shape == (128, 32) and torch.equal(w, torch.cat([mlps[0].gate_proj.weight, mlps[0].up_proj.weight]))
-    assert lm.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in lm.state_dict().items())
-    with torch.no_grad():
-        torch.testing.assert_close(lm.model(x), before, atol=1e-5, rtol=1e-5)
-    lm.model(x).sum().backward()  # training keeps the two parameters, each with its own gradient
-    assert mlps[0].gate_proj.weight.grad.shape == (64, 32) and mlps[0].up_proj.weight.grad.abs().sum() > 0
-    with torch.no_grad():
-        mlps[0].up_proj.weight.add_(1.0)  # an update in place shows through the stacked view
-    assert torch.equal(kernels.stacked_weight(mlps[0].gate_proj, mlps[0].up_proj)[64:], mlps[0].up_proj.weight)
-    with torch.no_grad():
-        before = lm.model(x)
-    lm.to(torch.float64)  # new tensors: no longer stacked, the separate path takes over
-    assert kernels.stacked_weight(mlps[1].gate_proj, mlps[1].up_proj) is None
-    with torch.no_grad():
-        torch.testing.assert_close(lm.model(x.double()).float(), before, atol=1e-5, rtol=1e-5)

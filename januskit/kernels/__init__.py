@@ -151,7 +151,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     """F.silu(gate) * up for bf16 tensors of the same shape in one pass, or None where it does not apply."""
-    if gate.shape != up.shape or up.dtype != torch.bfloat16 or gate.shape[-1] % 16 or not fast_path(gate):
+    if gate.shape != up.shape or up.dtype != torch.bfloat16 or gate.numel() % 16 or not fast_path(gate):
         return None
     return _module.silu_mul_bf16(gate, up)
 
@@ -210,59 +210,14 @@ def _block_rows(rows: int) -> int:
     return 1 if rows <= 6 else (3 if rows <= 9 else 2)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, run by `linear_bf16` for inference on 1-14 bfloat16 rows on a CPU with AVX-512 BF16."""
-    K = x.shape[-1]
-    if (w.dtype == torch.bfloat16 and K and K % 32 == 0 and 0 < (rows := x.numel() // K) <= MAX_ROWS
-            and not (torch.is_grad_enabled() and w.requires_grad) and fast_path(x)):
-        y = _module.linear_bf16(x.reshape(rows, K), w, b, _block_rows(rows))
-        return y.view(*x.shape[:-1], w.shape[0])
-    return F.linear(x, w, b)
-
-
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) whose inference forward on 1-14 bfloat16 rows on a CPU with
     AVX-512 BF16 runs `linear_bf16`; everything else (training, prefill, other dtypes and devices) is F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-# Stacked weights: several projections of the same input (the MLP's gate and up) run as one product of the
-# concatenated weight. Their parameters stay separate (same names, state dict, optimiser), each a view of its rows of
-# one tensor. 755-row prompt, 2048 -> 2 x 5632, AMX: 15.4 ms against 2 x 9.6 for the two products.
-def stack_weights(*linears: nn.Linear) -> bool:
-    """Lay the weights of `linears` back to back in one new tensor, each module's weight a view of its rows, when they
-    have no bias, one input width, dtype and device; returns whether it did. Call it outside inference mode (the
-    parameters stay ordinary tensors)."""
-    ws = [lin.weight for lin in linears]
-    if (not all(type(lin) in (Linear, nn.Linear) and lin.bias is None for lin in linears)
-            or len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1 or ws[0].is_meta):
-        return False
-    if stacked_weight(*linears) is not None:
-        return True
-    with torch.no_grad():
-        whole = torch.cat([w.detach() for w in ws])
-        row = 0
-        for lin in linears:
-            n = lin.weight.shape[0]
-            lin.weight.data = whole[row:row + n]
-            row += n
-    return True
-
-
-def stacked_weight(*linears: nn.Linear) -> torch.Tensor | None:
-    """The weights of `linears` as one (sum of outputs, inputs) tensor when `stack_weights` laid them out and they
-    still are (moving or quantising the model replaces them), detached; else None."""
-    if not all(type(lin) in (Linear, nn.Linear) and lin.bias is None for lin in linears):
-        return None
-    w0 = linears[0].weight
-    offset, storage = w0.storage_offset(), w0.untyped_storage().data_ptr()
-    for lin in linears:
-        w = lin.weight
-        if (w.untyped_storage().data_ptr() != storage or w.storage_offset() != offset or not w.is_contiguous()
-                or w.dtype != w0.dtype or w.shape[1] != w0.shape[1]):
-            return None
-        offset += w.numel()
-    rows = sum(lin.weight.shape[0] for lin in linears)
-    return torch.as_strided(w0.detach(), (rows, w0.shape[1]), (w0.shape[1], 1), w0.storage_offset())
+        w, K = self.weight, x.shape[-1]
+        if (w.dtype == torch.bfloat16 and K and K % 32 == 0 and 0 < (rows := x.numel() // K) <= MAX_ROWS
+                and not (torch.is_grad_enabled() and w.requires_grad) and fast_path(x)):
+            y = _module.linear_bf16(x.reshape(rows, K), w, self.bias, _block_rows(rows))
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, w, self.bias)
