@@ -16,6 +16,8 @@ def add_cli(sub) -> None:
     p.add_argument("--max-questions", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the generation benchmark")
     p.add_argument("--int8", action="store_true", help="evaluate the int8 weight-only decoder")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights and activations (bfloat16 runs the CPU kernels where the CPU has them)")
     p.add_argument("--cfg-cutoff", type=float, default=None,
                    help="override the model's guidance cutoff (0: every token kept, the official decoding)")
     p.set_defaults(func=run)
@@ -25,7 +27,7 @@ def run(args) -> int:
     from ..api import Janus
     from .bench import run_eval
 
-    janus = Janus.from_pretrained(args.model)
+    janus = Janus.from_pretrained(args.model, dtype=args.dtype)
     janus.generation = janus.generation.override(cfg_cutoff=args.cfg_cutoff)
     if args.int8:
         janus.quantize_int8()
