@@ -31,10 +31,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, in)
-        M, K = x2.shape
-        if M <= kernels.MAX_ROWS and K % 32 == 0 and kernels.fast_path(x2):  # decode on the CPU kernels
+        if kernels.gemv_rows(x2):  # decode on the CPU kernels
             return kernels.linear_int8(x2, self.qweight, self.scale, self.bias).view(*shape[:-1], self.out_features)
-        if M <= 16 and _packed_mm_ok(x2, self.scale):  # decode: memory-bound, read int8
+        if x2.shape[0] <= 16 and _packed_mm_ok(x2, self.scale):  # decode: memory-bound, read int8
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
         else:  # prefill: compute-bound, dequantize once and use the regular GEMM
             y = F.linear(x2, self.qweight.to(x.dtype) * self.scale[:, None].to(x.dtype))

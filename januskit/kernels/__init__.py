@@ -29,15 +29,17 @@ def _cpu_flags() -> str:
         return ""
 
 
+_CPU_FLAGS = _cpu_flags()  # read once
+
+
 def _cpu_has_avx512_bf16() -> bool:
-    flags = _cpu_flags()
-    return " avx512_bf16" in flags and " avx512bw" in flags
+    return " avx512_bf16" in _CPU_FLAGS and " avx512bw" in _CPU_FLAGS
 
 
 # Intel AMX (tile matrix units): oneDNN runs torch's bf16 GEMMs and SDPA's flash attention on them, ~4x what the
 # prompt attention kernel below reaches with vdpbf16ps (755-token causal prompt, head dim 128: 4.0 against 15.9 ms a
 # layer; 576 patches, head dim 64: 2.0 against 7.8), so on such CPUs prompts keep SDPA (`prompt_attention`).
-HAS_AMX = " amx_bf16" in _cpu_flags()
+HAS_AMX = " amx_bf16" in _CPU_FLAGS
 PROMPT_ATTENTION_KERNEL = not HAS_AMX
 
 
@@ -105,27 +107,27 @@ def unavailable_reason() -> str | None:
     return _failed
 
 
-def linear_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M <= 16, K) bf16 @ w (N, K).T bf16 (+ b) -> (M, N) bf16, fp32 accumulation; K a multiple of 32."""
+def _require():
+    """The built kernels, or a RuntimeError saying why there are none."""
     mod = _load()
     if mod is None:
         raise RuntimeError(f"januskit kernels unavailable: {_failed}")
-    return mod.linear_bf16(x, w, b, _block_rows(x.shape[0]))
+    return mod
+
+
+def linear_bf16(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M <= 16, K) bf16 @ w (N, K).T bf16 (+ b) -> (M, N) bf16, fp32 accumulation; K a multiple of 32."""
+    return _require().linear_bf16(x, w, b, _block_rows(x.shape[0]))
 
 
 def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """(x (M <= 16, K) bf16 @ q (N, K).T int8) * scale (N,) (+ b) -> (M, N) bf16, fp32 accumulation; K % 32 == 0."""
-    mod = _load()
-    if mod is None:
-        raise RuntimeError(f"januskit kernels unavailable: {_failed}")
-    return mod.linear_int8(x, q, scale, b, _block_rows(x.shape[0]))
+    return _require().linear_int8(x, q, scale, b, _block_rows(x.shape[0]))
 
 
 def read_sum(a: torch.Tensor) -> float:
     """Sum of a contiguous float32 tensor (numel a multiple of 64), streamed: the benchmark's memory-read probe."""
-    if _load() is None:
-        raise RuntimeError(f"januskit kernels unavailable: {_failed}")
-    return _module.read_sum(a)
+    return _require().read_sum(a)
 
 
 def fast_path(x: torch.Tensor) -> bool:
@@ -206,6 +208,14 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 MAX_ROWS = 14
 
 
+def gemv_rows(x: torch.Tensor) -> int:
+    """The rows of x (..., K) when its product with a weight can run on the GEMV kernels (a decode step: 1 to
+    MAX_ROWS bf16 CPU rows without autograd, K a multiple of 32), else 0."""
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    return rows if K % 32 == 0 and 0 < rows <= MAX_ROWS and fast_path(x) else 0
+
+
 def _block_rows(rows: int) -> int:
     return 1 if rows <= 6 else (3 if rows <= 9 else 2)
 
@@ -215,9 +225,9 @@ class Linear(nn.Linear):
     AVX-512 BF16 runs `linear_bf16`; everything else (training, prefill, other dtypes and devices) is F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, K = self.weight, x.shape[-1]
-        if (w.dtype == torch.bfloat16 and K and K % 32 == 0 and 0 < (rows := x.numel() // K) <= MAX_ROWS
-                and not (torch.is_grad_enabled() and w.requires_grad) and fast_path(x)):
-            y = _module.linear_bf16(x.reshape(rows, K), w, self.bias, _block_rows(rows))
+        w = self.weight
+        if (w.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and w.requires_grad)
+                and (rows := gemv_rows(x))):
+            y = _module.linear_bf16(x.reshape(rows, x.shape[-1]), w, self.bias, _block_rows(rows))
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, w, self.bias)
