@@ -280,3 +280,16 @@ def test_chain_with_the_factored_head_keeps_it_frozen(tmp_path):
     assert torch.equal(start.float(), end.float()) and start.abs().sum() > 0
     with pytest.raises(ValueError, match="factored image head"):
         run_chain(tmp_path, fast=True)
+
+
+def test_chain_with_position_reasons_trains_on_reasoned_answers(tmp_path):
+    from januskit.data.world import final_answer
+
+    run_chain(tmp_path, fast=True, position_reasons=True)
+    rows = [json.loads(line) for line in open(tmp_path / "data" / "vqa.jsonl")]
+    position = [r["answer"] for r in rows if r["qtype"] == "position"]
+    assert position and all(", so " in a and final_answer(a) in ("yes", "no") for a in position)
+    assert all(", so " not in r["answer"] for r in rows if r["qtype"] != "position")
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="position reasons"):
+        run_chain(tmp_path, fast=True)

@@ -78,12 +78,15 @@ def _step(out: Path, name: str, timings: dict):
 
 
 def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | None = None,
-              factored_head: bool = False) -> Path:
+              factored_head: bool = False, position_reasons: bool = False) -> Path:
     """Run (or resume) the chain; returns the exported model directory.
 
     `factored_head`: the image head's last layer scores a code as the sum of its shape, colour and size
     (`cells.factored_head`), frozen in every stage, so that the held-out pair can be drawn from what the other codes
-    taught about its attributes (experimental; an OUT keeps the choice it was started with)."""
+    taught about its attributes (experimental; an OUT keeps the choice it was started with).
+
+    `position_reasons`: the data answers position questions with the two rows or columns before the yes or no
+    (`world.position_answer`); likewise kept by an OUT."""
     from ..api import GenerationDefaults
     from . import llm as llm_mod
     from . import siglip as siglip_mod
@@ -96,7 +99,14 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     timings: dict[str, float] = {}
     torch.manual_seed(seed)
 
-    data = _step(out, "data", timings)(lambda d: build_dataset(d, size.scenes, seed, n_eval=60 if fast else 300))
+    def data_step(d):
+        info = build_dataset(d, size.scenes, seed, n_eval=60 if fast else 300, position_reasons=position_reasons)
+        return {**info, "position_reasons": position_reasons}
+
+    data = _step(out, "data", timings)(data_step)
+    if json.loads((data / ".done").read_text()).get("position_reasons", False) != position_reasons:
+        raise ValueError(f"{out}'s data was made {'with' if not position_reasons else 'without'} position reasons; "
+                         f"resume it the same way or start another --out")
     tokdir = _step(out, "tokenizer", timings)(
         lambda d: tok_mod.train_tokenizer(data).save_pretrained(d) or {})
     proc = JanusProcessor.from_pretrained(tokdir)

@@ -15,6 +15,8 @@ def add_cli(sub) -> None:
     p.add_argument("--factored-head", action="store_true",
                    help="experimental: the image head scores a code by the sum of its shape, colour and size (frozen), "
                         "aiming at drawing the held-out pair")
+    p.add_argument("--position-reasons", action="store_true",
+                   help="answer position questions with the two objects' rows or columns before the yes or no")
     p.set_defaults(func=run)
 
 
@@ -22,7 +24,8 @@ def run(args) -> int:
     from .chain import install_default, run_chain
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    model = run_chain(args.out, seed=args.seed, fast=args.fast, factored_head=args.factored_head)
+    model = run_chain(args.out, seed=args.seed, fast=args.fast, factored_head=args.factored_head,
+                      position_reasons=args.position_reasons)
     print(model)
     if args.install:
         print(install_default(model))
