@@ -73,6 +73,7 @@ class TestKernels:
             kernels.linear_bf16(torch.randn(17, 64).bfloat16(), torch.randn(8, 64).bfloat16())
 
     def test_linear_module_uses_the_kernel_only_for_inference_on_few_bf16_rows(self, monkeypatch):
+        monkeypatch.setattr(kernels, "HAS_AMX", False)  # the vdpbf16ps kernel (AMX CPUs: the test below)
         torch.manual_seed(0)
         lin = kernels.Linear(128, 64).bfloat16()
         assert list(lin.state_dict()) == ["weight", "bias"]  # checkpoints load as into nn.Linear
@@ -98,6 +99,48 @@ class TestKernels:
         out = lin(torch.randn(2, 128).bfloat16())
         out.float().sum().backward()
         assert lin.weight.grad is not None and len(calls) == 1
+
+    @pytest.mark.skipif(not kernels.amx_gemv(), reason="the tile kernel needs an AMX CPU")
+    @pytest.mark.parametrize("rows", [1, 3, 4, 8, 13, 16])
+    @pytest.mark.parametrize("bias", [False, True])
+    def test_linear_amx_matches_float32(self, rows, bias):
+        g = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, 320, generator=g).bfloat16()
+        w = torch.randn(1008, 320, generator=g).bfloat16()  # 1008 = 31 blocks of 32 channels and one tile of 16
+        b = torch.randn(1008, generator=g).bfloat16() if bias else None
+        ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+        y = kernels.linear_amx(x, w, b)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, 1008)
+        assert _rel_err(y, ref) < 1e-2
+        with pytest.raises(RuntimeError, match="N of 16, got K 320, N 1000"):
+            kernels.linear_amx(x, w[:1000])
+        with pytest.raises(RuntimeError, match="1 to 16 rows, got 17"):
+            kernels.linear_amx(torch.randn(17, 320).bfloat16(), w)
+
+    @pytest.mark.skipif(not kernels.amx_gemv(), reason="the tile kernel needs an AMX CPU")
+    def test_linear_module_takes_the_tile_kernel_for_3_to_16_rows(self, monkeypatch):
+        torch.manual_seed(0)
+        calls = []
+        real = kernels._module
+
+        class Spy:
+            def linear_amx(self, x, *a):
+                calls.append(("amx", x.shape[0]))
+                return real.linear_amx(x, *a)
+
+            def linear_bf16(self, x, *a):
+                calls.append(("vdp", x.shape[0]))
+                return real.linear_bf16(x, *a)
+
+        lin, odd = kernels.Linear(128, 64).bfloat16(), kernels.Linear(128, 40).bfloat16()
+        monkeypatch.setattr(kernels, "_module", Spy())
+        with torch.no_grad():
+            for layer, rows in ((lin, 2), (lin, 3), (lin, 16), (lin, 17), (odd, 8), (odd, 16)):
+                x = torch.randn(rows, 128).bfloat16()
+                y = layer(x)
+                assert _rel_err(y, F.linear(x.float(), layer.weight.float(), layer.bias.float())) < 1e-2
+        # 17 rows: a prompt (F.linear); 40 outputs are no whole tile: the vdpbf16ps kernel up to 14 rows.
+        assert calls == [("vdp", 2), ("amx", 3), ("amx", 16), ("vdp", 8)]
 
     @pytest.mark.parametrize("heads,kv_heads,hd,length", [(16, 16, 128, 37), (4, 2, 64, 9), (8, 8, 64, 300)])
     @pytest.mark.parametrize("masked", [False, True])

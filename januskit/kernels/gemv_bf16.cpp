@@ -182,6 +182,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                                 bool causal, double scale);
 
+torch::Tensor linear_amx(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+bool amx_available();
+
 torch::Tensor rmsnorm_bf16(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor rope_bf16(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_mul_bf16(torch::Tensor gate, torch::Tensor up);
@@ -194,5 +197,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one-query attention over a bf16 KV cache (AVX-512 BF16)");
   m.def("prefill_attention", &prefill_attention, "prompt attention, causal or masked, bf16 (AVX-512 BF16)");
   m.def("linear_bf16", &linear_bf16, "y = x @ w.T + b, bf16, 1-16 rows (AVX-512 BF16), r weight rows a block");
+  m.def("linear_amx", &linear_amx, "y = x @ w.T + b, bf16, 1-16 rows on AMX tiles, N a multiple of 16");
+  m.def("amx_available", &amx_available, "whether this process may use the AMX tile registers");
   m.def("linear_int8", &linear_int8, "y = (x @ q.T) * scale + b, bf16 x, int8 q, 1-16 rows (AVX-512 BF16)");
 }
