@@ -3,7 +3,8 @@
 Decoding is memory-bound: every step reads every weight of the decoder once. Storing the decoder's linear
 weights as int8 with one scale per output channel halves the bytes read compared with bfloat16; activations
 stay in the model's dtype. A decode step's few bf16 rows on a CPU with AVX-512 BF16 run januskit's own kernel
-(`kernels.linear_int8`, which reads the int8 weight at close to the memory bandwidth); elsewhere on CPU and CUDA
+(`kernels.linear_int8`, which reads the int8 weight at close to the memory bandwidth, or for 3-16 rows on CPUs with
+AMX tiles `kernels.linear_amx_int8`, which widens each weight once for all rows); elsewhere on CPU and CUDA
 `torch._weight_int8pack_mm`, and a prompt's many rows dequantize the weight for the regular GEMM.
 """
 
@@ -31,8 +32,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, in)
-        if kernels.gemv_rows(x2):  # decode on the CPU kernels
-            return kernels.linear_int8(x2, self.qweight, self.scale, self.bias).view(*shape[:-1], self.out_features)
+        kind, _ = kernels.gemv_plan(x2, self.out_features)
+        if kind is not None:  # decode on the CPU kernels
+            f = kernels.linear_amx_int8 if kind == "amx" else kernels.linear_int8
+            return f(x2, self.qweight, self.scale, self.bias).view(*shape[:-1], self.out_features)
         if x2.shape[0] <= 16 and _packed_mm_ok(x2, self.scale):  # decode: memory-bound, read int8
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
         else:  # prefill: compute-bound, dequantize once and use the regular GEMM

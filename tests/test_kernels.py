@@ -118,6 +118,40 @@ class TestKernels:
             kernels.linear_amx(torch.randn(17, 320).bfloat16(), w)
 
     @pytest.mark.skipif(not kernels.amx_gemv(), reason="the tile kernel needs an AMX CPU")
+    @pytest.mark.parametrize("rows", [1, 3, 8, 16])
+    def test_linear_amx_int8_matches_the_dequantized_product(self, rows):
+        g = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, 320, generator=g).bfloat16()
+        q = torch.randint(-127, 128, (1008, 320), generator=g, dtype=torch.int8)
+        scale = (torch.rand(1008, generator=g) * 0.02 + 1e-3).bfloat16()
+        b = torch.randn(1008, generator=g).bfloat16()
+        ref = F.linear(x.float(), q.float() * scale.float()[:, None], b.float())
+        y = kernels.linear_amx_int8(x, q, scale, b)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, 1008)
+        assert _rel_err(y, ref) < 1e-2
+        with pytest.raises(RuntimeError, match="int8 weight"):
+            kernels.linear_amx_int8(x, q.bfloat16(), scale)
+        with pytest.raises(RuntimeError, match="scale of 3 for 1008"):
+            kernels.linear_amx_int8(x, q, scale[:3])
+
+    @pytest.mark.skipif(not kernels.amx_gemv(), reason="the tile kernel needs an AMX CPU")
+    def test_int8_linear_takes_the_tile_kernel_for_3_to_16_rows(self, monkeypatch):
+        from januskit.quant import Int8Linear
+
+        calls = []
+        for name in ("linear_amx_int8", "linear_int8"):
+            real = getattr(kernels, name)
+            monkeypatch.setattr(kernels, name, lambda x, *a, _f=real, _n=name: calls.append((_n, x.shape[0])) or _f(x, *a))
+        torch.manual_seed(0)
+        layer = Int8Linear(torch.nn.Linear(128, 64).bfloat16())
+        with torch.no_grad():
+            for rows in (2, 8, 17):
+                x = torch.randn(rows, 128).bfloat16()
+                ref = F.linear(x.float(), layer.qweight.float() * layer.scale.float()[:, None], layer.bias.float())
+                assert _rel_err(layer(x), ref) < 1e-2
+        assert calls == [("linear_int8", 2), ("linear_amx_int8", 8)]
+
+    @pytest.mark.skipif(not kernels.amx_gemv(), reason="the tile kernel needs an AMX CPU")
     def test_linear_module_takes_the_tile_kernel_for_3_to_16_rows(self, monkeypatch):
         torch.manual_seed(0)
         calls = []

@@ -125,6 +125,12 @@ def linear_amx(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) 
     return _require().linear_amx(x, w, b)
 
 
+def linear_amx_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """(x (M <= 16, K) bf16 @ q (N, K).T int8) * scale (N,) (+ b) -> (M, N) bf16 on AMX tiles; K % 32, N % 16 == 0."""
+    return _require().linear_amx_int8(x, q, scale, b)
+
+
 _amx_ok: bool | None = None
 
 
@@ -239,6 +245,17 @@ def gemv_rows(x: torch.Tensor, max_rows: int = MAX_ROWS) -> int:
     return rows if K % 32 == 0 and 0 < rows <= max_rows and fast_path(x) else 0
 
 
+def gemv_plan(x: torch.Tensor, out_features: int) -> tuple[str | None, int]:
+    """Which GEMV kernel the product of x (..., K) with an (out_features, K) weight takes, and x's rows: "amx" for
+    3-16 rows on AMX CPUs (out_features a multiple of 16), "vdp" (the vdpbf16ps kernels) for 1-MAX_ROWS rows, or
+    None (F.linear and friends)."""
+    amx = HAS_AMX and out_features % 16 == 0
+    rows = gemv_rows(x, AMX_MAX_ROWS if amx else MAX_ROWS)
+    if rows >= AMX_MIN_ROWS and amx and amx_gemv():
+        return "amx", rows
+    return ("vdp", rows) if 0 < rows <= MAX_ROWS else (None, 0)
+
+
 def _block_rows(rows: int) -> int:
     return 1 if rows <= 6 else (3 if rows <= 9 else 2)
 
@@ -251,12 +268,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if w.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and w.requires_grad):
-            amx = self.out_features % 16 == 0 and HAS_AMX
-            rows = gemv_rows(x, AMX_MAX_ROWS if amx else MAX_ROWS)
-            if rows >= AMX_MIN_ROWS and amx and amx_gemv():
-                y = _module.linear_amx(x.reshape(rows, x.shape[-1]), w, self.bias)
-                return y.view(*x.shape[:-1], self.out_features)
-            if 0 < rows <= MAX_ROWS:
-                y = _module.linear_bf16(x.reshape(rows, x.shape[-1]), w, self.bias, _block_rows(rows))
+            kind, rows = gemv_plan(x, self.out_features)
+            if kind is not None:
+                x2 = x.reshape(rows, x.shape[-1])
+                y = (_module.linear_amx(x2, w, self.bias) if kind == "amx"
+                     else _module.linear_bf16(x2, w, self.bias, _block_rows(rows)))
                 return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, w, self.bias)

@@ -38,7 +38,7 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles: 0-3 accumulators (16 channels x M fp32; blocks use kTiles of them), 4-5 weights (16 channels x 32 bf16, alternated so that a load
+// Tiles: 0-1 accumulators (16 channels x M fp32), 4-5 weights (16 channels x 32 bf16, alternated so that a load
 // need not wait for the product before it), 6 the right operand (16 column pairs x M rows).
 // Blocks of 2 accumulator tiles (32 channels) and a prefetch 2 steps (128 bytes) ahead along each row read fastest
 // (2-core Xeon, 2 threads, cold 5632 x 2048 weights, 8 rows: 26.5 GB/s against 20.4 with 4 tiles, whose 64 row
@@ -46,53 +46,78 @@ struct alignas(64) TileConfig {
 constexpr int64_t kAhead = 2;
 constexpr int64_t kTiles = 2;
 
-template <int T>
-__attribute__((target("amx-tile,amx-bf16,avx512f"))) void block(const uint32_t* xt, const uint16_t* w,
-                                                                  const uint16_t* bias, uint16_t* y, int64_t M,
-                                                                  int64_t K, int64_t N, int64_t n0) {
+// The two weight types. A bf16 weight tile is loaded straight from the weight; an int8 one is widened first, 16 rows
+// x 32 weights into a 1 KB bf16 buffer (exact: |q| <= 127 fits bf16's 8-bit mantissa), which the tile loads from L1.
+// The widening is once per weight whatever the number of rows, where the vdpbf16ps int8 kernel also spends one
+// instruction per row. The int8 weight's per-channel scale multiplies the finished sums.
+struct Bf16Tile {
+  using T = uint16_t;
+  static constexpr bool kWiden = false;
+};
+struct Int8Tile {
+  using T = int8_t;
+  static constexpr bool kWiden = true;
+};
+
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void widen16(const int8_t* p, int64_t K, uint16_t* out) {
+  for (int r = 0; r < 16; ++r) {
+    const int8_t* q = p + r * K;
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+    const __m512 hi =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+    _mm512_store_si512(out + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+  asm volatile("" : : "r"(out) : "memory");  // GCC 12 does not see tileloadd read the buffer (as for ldtilecfg)
+}
+
+template <class W, int T>
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16"))) void block(
+    const uint32_t* xt, const typename W::T* w, const uint16_t* scale, const uint16_t* bias, uint16_t* y, int64_t M,
+    int64_t K, int64_t N, int64_t n0) {
   if constexpr (T > 0) _tile_zero(0);
   if constexpr (T > 1) _tile_zero(1);
-  if constexpr (T > 2) _tile_zero(2);
-  if constexpr (T > 3) _tile_zero(3);
-  const int64_t stride = K * 2;  // bytes between weight rows
-  const uint16_t* base = w + n0 * K;
+  const int64_t stride = K * sizeof(typename W::T);  // bytes between weight rows
+  const typename W::T* base = w + n0 * K;
+  alignas(64) uint16_t wide[2][16 * 32];
   for (int64_t k = 0; k < K; k += 32) {
-    const uint16_t* p = base + k;
+    const typename W::T* p = base + k;
     for (int r = 0; r < 16 * T; ++r)
       _mm_prefetch(reinterpret_cast<const char*>(p + r * K + kAhead * 32), _MM_HINT_T0);
     _tile_loadd(6, xt + (k / 2) * M, M * 4);
-    _tile_loadd(4, p, stride);
+    if constexpr (W::kWiden) {
+      widen16(reinterpret_cast<const int8_t*>(p), K, wide[0]);
+      _tile_loadd(4, wide[0], 64);
+    } else {
+      _tile_loadd(4, p, stride);
+    }
     _tile_dpbf16ps(0, 4, 6);
     if constexpr (T > 1) {
-      _tile_loadd(5, p + 16 * K, stride);
+      if constexpr (W::kWiden) {
+        widen16(reinterpret_cast<const int8_t*>(p + 16 * K), K, wide[1]);
+        _tile_loadd(5, wide[1], 64);
+      } else {
+        _tile_loadd(5, p + 16 * K, stride);
+      }
       _tile_dpbf16ps(1, 5, 6);
     }
-    if constexpr (T > 2) {
-      _tile_loadd(4, p + 32 * K, stride);
-      _tile_dpbf16ps(2, 4, 6);
-    }
-    if constexpr (T > 3) {
-      _tile_loadd(5, p + 48 * K, stride);
-      _tile_dpbf16ps(3, 5, 6);
-    }
   }
-  alignas(64) float out[4][16][16];
+  alignas(64) float out[2][16][16];
   if constexpr (T > 0) _tile_stored(0, out[0], M * 4);
   if constexpr (T > 1) _tile_stored(1, out[1], M * 4);
-  if constexpr (T > 2) _tile_stored(2, out[2], M * 4);
-  if constexpr (T > 3) _tile_stored(3, out[3], M * 4);
+  asm volatile("" : : "r"(&out[0][0][0]) : "memory");  // and tilestored's writes, read below
   for (int t = 0; t < T; ++t)
     for (int i = 0; i < 16; ++i) {
       const int64_t n = n0 + 16 * t + i;
       const float b = bias ? static_cast<float>(c10::BFloat16(bias[n], c10::BFloat16::from_bits())) : 0.0f;
+      const float sc = scale ? static_cast<float>(c10::BFloat16(scale[n], c10::BFloat16::from_bits())) : 1.0f;
       const float* row = &out[t][0][0] + i * M;  // tile t's row i, stored with a row stride of M floats
-      for (int64_t m = 0; m < M; ++m) y[m * N + n] = c10::BFloat16(row[m] + b).x;
+      for (int64_t m = 0; m < M; ++m) y[m * N + n] = c10::BFloat16(row[m] * sc + b).x;
     }
 }
 
 __attribute__((target("amx-tile,amx-bf16"))) void configure(int64_t M) {
   TileConfig cfg;
-  for (int t : {0, 1, 2, 3, 6}) {
+  for (int t : {0, 1, 6}) {
     cfg.rows[t] = 16;
     cfg.colsb[t] = static_cast<uint16_t>(M * 4);
   }
@@ -111,41 +136,60 @@ __attribute__((target("amx-tile"))) void release() { _tile_release(); }
 
 bool amx_available() { return tiles_permitted(); }
 
-torch::Tensor linear_amx(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(tiles_permitted(), "linear_amx: the kernel did not get the AMX tile state (arch_prctl)");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_amx: x (M, K) and w (N, K)");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "linear_amx: bfloat16 only");
+namespace {
+
+template <class W>
+torch::Tensor linear_tiles(const char* name, torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale,
+                           c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(tiles_permitted(), name, ": the kernel did not get the AMX tile state (arch_prctl)");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x (M, K) and w (N, K)");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, name, ": bfloat16 activations only");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(K % 32 == 0 && N % 16 == 0, "linear_amx: K a multiple of 32 and N of 16, got K ", K, ", N ", N);
-  TORCH_CHECK(M >= 1 && M <= 16, "linear_amx: 1 to 16 rows, got ", M);
+  TORCH_CHECK(K % 32 == 0 && N % 16 == 0, name, ": K a multiple of 32 and N of 16, got K ", K, ", N ", N);
+  TORCH_CHECK(M >= 1 && M <= 16, name, ": 1 to 16 rows, got ", M);
   x = x.contiguous();
   w = w.contiguous();
-  torch::Tensor bc;
-  const uint16_t* bp = nullptr;
-  if (bias.has_value()) {
-    bc = bias->to(at::kBFloat16).contiguous();
-    TORCH_CHECK(bc.numel() == N, "linear_amx: bias of ", bc.numel(), " for ", N, " outputs");
-    bp = reinterpret_cast<const uint16_t*>(bc.data_ptr());
-  }
+  auto as_bf16 = [&](const c10::optional<torch::Tensor>& t, const char* what, torch::Tensor& keep) -> const uint16_t* {
+    if (!t.has_value()) return nullptr;
+    keep = t->to(at::kBFloat16).contiguous();
+    TORCH_CHECK(keep.numel() == N, name, ": ", what, " of ", keep.numel(), " for ", N, " outputs");
+    return reinterpret_cast<const uint16_t*>(keep.data_ptr());
+  };
+  torch::Tensor bc, sc;
+  const uint16_t* bp = as_bf16(bias, "bias", bc);
+  const uint16_t* sp = as_bf16(scale, "scale", sc);
   // x.T in column pairs: xt[j][m] = the j-th pair of x's row m, (K / 2, M) 32-bit words.
   std::vector<uint32_t> xt(static_cast<size_t>(K / 2 * M));
   const uint32_t* xs = reinterpret_cast<const uint32_t*>(x.data_ptr());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < K / 2; ++j) xt[j * M + m] = xs[m * (K / 2) + j];
   auto y = torch::empty({M, N}, x.options());
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const auto* wp = reinterpret_cast<const typename W::T*>(w.data_ptr());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-  const int64_t W = 16 * kTiles;
-  const int64_t blocks = N / W;
+  constexpr int64_t width = 16 * kTiles;
+  const int64_t blocks = N / width;
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     configure(M);
-    for (int64_t b = b0; b < b1; ++b) block<kTiles>(xt.data(), wp, bp, yp, M, K, N, b * W);
+    for (int64_t b = b0; b < b1; ++b) block<W, kTiles>(xt.data(), wp, sp, bp, yp, M, K, N, b * width);
     release();
   });
-  if (blocks * W < N) {
+  if (blocks * width < N) {
     configure(M);
-    for (int64_t n = blocks * W; n < N; n += 16) block<1>(xt.data(), wp, bp, yp, M, K, N, n);
+    for (int64_t n = blocks * width; n < N; n += 16) block<W, 1>(xt.data(), wp, sp, bp, yp, M, K, N, n);
     release();
   }
   return y;
+}
+
+}  // namespace
+
+torch::Tensor linear_amx(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "linear_amx: bfloat16 weight only");
+  return linear_tiles<Bf16Tile>("linear_amx", x, w, c10::nullopt, bias);
+}
+
+torch::Tensor linear_amx_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
+                              c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(q.scalar_type() == at::kChar, "linear_amx_int8: int8 weight only");
+  return linear_tiles<Int8Tile>("linear_amx_int8", x, q, scale, bias);
 }

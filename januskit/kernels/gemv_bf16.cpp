@@ -183,6 +183,7 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
                                 bool causal, double scale);
 
 torch::Tensor linear_amx(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor linear_amx_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias);
 bool amx_available();
 
 torch::Tensor rmsnorm_bf16(torch::Tensor x, torch::Tensor w, double eps);
@@ -198,6 +199,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "prompt attention, causal or masked, bf16 (AVX-512 BF16)");
   m.def("linear_bf16", &linear_bf16, "y = x @ w.T + b, bf16, 1-16 rows (AVX-512 BF16), r weight rows a block");
   m.def("linear_amx", &linear_amx, "y = x @ w.T + b, bf16, 1-16 rows on AMX tiles, N a multiple of 16");
+  m.def("linear_amx_int8", &linear_amx_int8, "y = (x @ q.T) * scale + b, bf16 x, int8 q, 1-16 rows on AMX tiles");
   m.def("amx_available", &amx_available, "whether this process may use the AMX tile registers");
   m.def("linear_int8", &linear_int8, "y = (x @ q.T) * scale + b, bf16 x, int8 q, 1-16 rows (AVX-512 BF16)");
 }
