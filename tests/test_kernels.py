@@ -23,6 +23,23 @@ def _rel_err(y, ref):
     return float(((y.float() - ref).abs() / (ref.abs() + 1.0)).max())
 
 
+def _check_int8_kernel(kernel, rows: int, n: int, bias: bool):
+    """An int8 GEMV kernel against the dequantized product, and its errors for a bf16 weight and a short scale."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 256, generator=g).bfloat16()
+    q = torch.randint(-127, 128, (n, 256), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, generator=g) * 0.02 + 1e-3).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    ref = F.linear(x.float(), q.float() * scale.float()[:, None], None if b is None else b.float())
+    y = kernel(x, q, scale, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    assert _rel_err(y, ref) < 1e-2
+    with pytest.raises(RuntimeError, match="int8 weight"):
+        kernel(x, q.bfloat16(), scale)
+    with pytest.raises(RuntimeError, match=f"scale of 3 for {n}"):
+        kernel(x, q, scale[:3])
+
+
 def test_kernels_build_on_this_machine_when_its_cpu_has_avx512_bf16():
     # The CI machines and this one have AVX-512 BF16, a compiler and ninja: the kernels must be there, not
     # silently replaced by the fallback (which would hide a broken build).
@@ -49,19 +66,7 @@ class TestKernels:
     @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 12, 16])
     @pytest.mark.parametrize("bias", [False, True])
     def test_linear_int8_matches_the_dequantized_product(self, rows, bias):
-        g = torch.Generator().manual_seed(rows)
-        x = torch.randn(rows, 256, generator=g).bfloat16()
-        q = torch.randint(-127, 128, (1003, 256), generator=g, dtype=torch.int8)
-        scale = (torch.rand(1003, generator=g) * 0.02 + 1e-3).bfloat16()
-        b = torch.randn(1003, generator=g).bfloat16() if bias else None
-        ref = F.linear(x.float(), q.float() * scale.float()[:, None], None if b is None else b.float())
-        y = kernels.linear_int8(x, q, scale, b)
-        assert y.dtype == torch.bfloat16 and y.shape == (rows, 1003)
-        assert _rel_err(y, ref) < 1e-2
-        with pytest.raises(RuntimeError, match="int8 weight"):
-            kernels.linear_int8(x, q.bfloat16(), scale)
-        with pytest.raises(RuntimeError, match="scale of 3 for 1003"):
-            kernels.linear_int8(x, q, scale[:3])
+        _check_int8_kernel(kernels.linear_int8, rows, 1003, bias)  # 1003: not a multiple of any block size
 
     def test_linear_bf16_rejects_what_it_cannot_do(self):
         x, w = torch.randn(2, 48).bfloat16(), torch.randn(8, 48).bfloat16()
@@ -120,19 +125,7 @@ class TestKernels:
     @pytest.mark.skipif(not kernels.amx_gemv(), reason="the tile kernel needs an AMX CPU")
     @pytest.mark.parametrize("rows", [1, 3, 8, 16])
     def test_linear_amx_int8_matches_the_dequantized_product(self, rows):
-        g = torch.Generator().manual_seed(rows)
-        x = torch.randn(rows, 320, generator=g).bfloat16()
-        q = torch.randint(-127, 128, (1008, 320), generator=g, dtype=torch.int8)
-        scale = (torch.rand(1008, generator=g) * 0.02 + 1e-3).bfloat16()
-        b = torch.randn(1008, generator=g).bfloat16()
-        ref = F.linear(x.float(), q.float() * scale.float()[:, None], b.float())
-        y = kernels.linear_amx_int8(x, q, scale, b)
-        assert y.dtype == torch.bfloat16 and y.shape == (rows, 1008)
-        assert _rel_err(y, ref) < 1e-2
-        with pytest.raises(RuntimeError, match="int8 weight"):
-            kernels.linear_amx_int8(x, q.bfloat16(), scale)
-        with pytest.raises(RuntimeError, match="scale of 3 for 1008"):
-            kernels.linear_amx_int8(x, q, scale[:3])
+        _check_int8_kernel(kernels.linear_amx_int8, rows, 1008, bias=True)  # 31 blocks of 32 channels and one of 16
 
     @pytest.mark.skipif(not kernels.amx_gemv(), reason="the tile kernel needs an AMX CPU")
     def test_int8_linear_takes_the_tile_kernel_for_3_to_16_rows(self, monkeypatch):
@@ -141,7 +134,8 @@ class TestKernels:
         calls = []
         for name in ("linear_amx_int8", "linear_int8"):
             real = getattr(kernels, name)
-            monkeypatch.setattr(kernels, name, lambda x, *a, _f=real, _n=name: calls.append((_n, x.shape[0])) or _f(x, *a))
+            monkeypatch.setattr(kernels, name,
+                                lambda x, *a, _f=real, _n=name: calls.append((_n, x.shape[0])) or _f(x, *a))
         torch.manual_seed(0)
         layer = Int8Linear(torch.nn.Linear(128, 64).bfloat16())
         with torch.no_grad():

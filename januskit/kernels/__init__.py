@@ -44,7 +44,7 @@ PROMPT_ATTENTION_KERNEL = not HAS_AMX
 
 
 _SOURCES = ("gemv_bf16.cpp", "gemv_amx.cpp", "decode_attention.cpp", "decode_elementwise.cpp", "prefill_attention.cpp")
-_HEADERS = ("vec_math.h",)
+_HEADERS = ("vec_math.h", "gemv_args.h")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 
 

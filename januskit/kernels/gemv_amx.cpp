@@ -18,6 +18,8 @@
 
 #include <vector>
 
+#include "gemv_args.h"
+
 namespace {
 
 // Linux hands out the tile registers' state only on request (arch_prctl, per process).
@@ -149,15 +151,9 @@ torch::Tensor linear_tiles(const char* name, torch::Tensor x, torch::Tensor w, c
   TORCH_CHECK(M >= 1 && M <= 16, name, ": 1 to 16 rows, got ", M);
   x = x.contiguous();
   w = w.contiguous();
-  auto as_bf16 = [&](const c10::optional<torch::Tensor>& t, const char* what, torch::Tensor& keep) -> const uint16_t* {
-    if (!t.has_value()) return nullptr;
-    keep = t->to(at::kBFloat16).contiguous();
-    TORCH_CHECK(keep.numel() == N, name, ": ", what, " of ", keep.numel(), " for ", N, " outputs");
-    return reinterpret_cast<const uint16_t*>(keep.data_ptr());
-  };
   torch::Tensor bc, sc;
-  const uint16_t* bp = as_bf16(bias, "bias", bc);
-  const uint16_t* sp = as_bf16(scale, "scale", sc);
+  const uint16_t* bp = januskit::channel_vector(bias, N, name, "bias", bc);
+  const uint16_t* sp = januskit::channel_vector(scale, N, name, "scale", sc);
   // x.T in column pairs: xt[j][m] = the j-th pair of x's row m, (K / 2, M) 32-bit words.
   std::vector<uint32_t> xt(static_cast<size_t>(K / 2 * M));
   const uint32_t* xs = reinterpret_cast<const uint32_t*>(x.data_ptr());

@@ -12,6 +12,8 @@
 
 #include <vector>
 
+#include "gemv_args.h"
+
 namespace {
 
 // Software prefetch distances in bytes, two of them: into L1 for what the loop reads soon, and into L2 further
@@ -116,15 +118,9 @@ torch::Tensor linear(const char* name, torch::Tensor x, torch::Tensor w, c10::op
   w = w.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
-  auto as_bf16 = [&](const c10::optional<torch::Tensor>& t, const char* what, torch::Tensor& keep) -> const uint16_t* {
-    if (!t.has_value()) return nullptr;
-    keep = t->to(at::kBFloat16).contiguous();
-    TORCH_CHECK(keep.numel() == N, name, ": ", what, " of ", keep.numel(), " for ", N, " outputs");
-    return reinterpret_cast<const uint16_t*>(keep.data_ptr());
-  };
   torch::Tensor bc, sc;
-  const uint16_t* bp = as_bf16(bias, "bias", bc);
-  const uint16_t* sp = as_bf16(scale, "scale", sc);
+  const uint16_t* bp = januskit::channel_vector(bias, N, name, "bias", bc);
+  const uint16_t* sp = januskit::channel_vector(scale, N, name, "scale", sc);
   auto xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   auto wp = reinterpret_cast<const typename W::T*>(w.data_ptr());
   auto yp = reinterpret_cast<uint16_t*>(y.data_ptr());
