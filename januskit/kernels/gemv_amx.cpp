@@ -1,22 +1,21 @@
-// y = x @ w.T (+ b) for 3-16 bfloat16 rows of x on Intel AMX tiles, float32 accumulation.
+// y = x @ w.T (+ b) for 3-16 bfloat16 rows of x on Intel AMX tiles, float32 accumulation; the weight bfloat16, or
+// int8 with one scale per output channel (linear_amx_int8).
 //
 // The vdpbf16ps kernel (gemv_bf16.cpp) spends one instruction per activation row for each 32 weights, so from 3 rows
 // on it falls behind the memory (2-core Xeon, 2 threads, cold 5632 x 2048 weights: 26 GB/s at 2 rows, 21.5-22 at
-// 4-8, 11 at 16; this kernel 26-27 at 2-16 rows). A tile product does 16 weight rows x 32 columns x up to 16 activation rows in one
-// instruction, which leaves the weight stream as the only cost. The product is computed transposed, y.T = w x.T:
-// the weight is the tile's left operand, loaded straight from its (N, K) row-major layout (16 rows of 64 bytes, the
-// row stride apart), and x.T the right operand, which the tile unit wants in pairs ("VNNI" layout: row r holds
-// x[m][2r], x[m][2r + 1] for every m), so x is transposed once per call as 32-bit pairs. Each thread takes blocks of
-// 32 output channels (2 accumulator tiles of 16 channels x M rows), streams their rows 32 columns at a time with a
-// software prefetch a few steps ahead along every row (the rows are one page apart: too many streams for the
-// hardware prefetcher), and writes the block's outputs transposed back.
+// 4-8, 11 at 16; this kernel 26-27 at 2-16 rows). A tile product does 16 weight rows x 32 columns x up to 16
+// activation rows in one instruction, which leaves the weight stream as the only cost. The product is computed
+// transposed, y.T = w x.T: the weight is the tile's left operand, loaded straight from its (N, K) row-major layout
+// (16 rows of 64 bytes, the row stride apart), and x.T the right operand, which the tile unit wants in pairs ("VNNI"
+// layout: row r holds x[m][2r], x[m][2r + 1] for every m), so x is transposed once per call as 32-bit pairs. Each
+// thread takes blocks of 32 output channels (2 accumulator tiles of 16 channels x M rows), streams their rows 32
+// columns at a time with a software prefetch a few steps ahead along every row (the rows are one page apart: too
+// many streams for the hardware prefetcher), and writes the block's outputs transposed back.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-
-#include <vector>
 
 #include "gemv_args.h"
 
@@ -76,7 +75,7 @@ template <class W, int T>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16"))) void block(
     const uint32_t* xt, const typename W::T* w, const uint16_t* scale, const uint16_t* bias, uint16_t* y, int64_t M,
     int64_t K, int64_t N, int64_t n0) {
-  if constexpr (T > 0) _tile_zero(0);
+  _tile_zero(0);
   if constexpr (T > 1) _tile_zero(1);
   const int64_t stride = K * sizeof(typename W::T);  // bytes between weight rows
   const typename W::T* base = w + n0 * K;
@@ -104,7 +103,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16"))) void bl
     }
   }
   alignas(64) float out[2][16][16];
-  if constexpr (T > 0) _tile_stored(0, out[0], M * 4);
+  _tile_stored(0, out[0], M * 4);
   if constexpr (T > 1) _tile_stored(1, out[1], M * 4);
   asm volatile("" : : "r"(&out[0][0][0]) : "memory");  // and tilestored's writes, read below
   for (int t = 0; t < T; ++t)
@@ -144,18 +143,18 @@ template <class W>
 torch::Tensor linear_tiles(const char* name, torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale,
                            c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(tiles_permitted(), name, ": the kernel did not get the AMX tile state (arch_prctl)");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x (M, K) and w (N, K)");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, name, ": bfloat16 activations only");
+  januskit::check_rows_operands(name, x, w);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(K % 32 == 0 && N % 16 == 0, name, ": K a multiple of 32 and N of 16, got K ", K, ", N ", N);
-  TORCH_CHECK(M >= 1 && M <= 16, name, ": 1 to 16 rows, got ", M);
+  TORCH_CHECK(N % 16 == 0, name, ": K a multiple of 32 and N of 16, got K ", K, ", N ", N);
   x = x.contiguous();
   w = w.contiguous();
   torch::Tensor bc, sc;
   const uint16_t* bp = januskit::channel_vector(bias, N, name, "bias", bc);
   const uint16_t* sp = januskit::channel_vector(scale, N, name, "scale", sc);
-  // x.T in column pairs: xt[j][m] = the j-th pair of x's row m, (K / 2, M) 32-bit words.
-  std::vector<uint32_t> xt(static_cast<size_t>(K / 2 * M));
+  // x.T in column pairs: xt[j][m] = the j-th pair of x's row m, (K / 2, M) 32-bit words, each written below (so an
+  // uninitialised buffer from torch's allocator, not a zero-filled vector, on this per-call path).
+  auto xt_buf = torch::empty({K / 2 * M}, x.options().dtype(at::kInt));
+  uint32_t* xt = reinterpret_cast<uint32_t*>(xt_buf.data_ptr());
   const uint32_t* xs = reinterpret_cast<const uint32_t*>(x.data_ptr());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < K / 2; ++j) xt[j * M + m] = xs[m * (K / 2) + j];
@@ -166,12 +165,12 @@ torch::Tensor linear_tiles(const char* name, torch::Tensor x, torch::Tensor w, c
   const int64_t blocks = N / width;
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     configure(M);
-    for (int64_t b = b0; b < b1; ++b) block<W, kTiles>(xt.data(), wp, sp, bp, yp, M, K, N, b * width);
+    for (int64_t b = b0; b < b1; ++b) block<W, kTiles>(xt, wp, sp, bp, yp, M, K, N, b * width);
     release();
   });
   if (blocks * width < N) {
     configure(M);
-    for (int64_t n = blocks * width; n < N; n += 16) block<W, 1>(xt.data(), wp, sp, bp, yp, M, K, N, n);
+    for (int64_t n = blocks * width; n < N; n += 16) block<W, 1>(xt, wp, sp, bp, yp, M, K, N, n);
     release();
   }
   return y;

@@ -110,10 +110,7 @@ void dispatch_r(const uint16_t* x, const typename W::T* w, const uint16_t* s, co
 template <class W>
 torch::Tensor linear(const char* name, torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale,
                      c10::optional<torch::Tensor> bias, int64_t r) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x (M, K) and w (N, K)");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, name, ": bfloat16 activations only");
-  TORCH_CHECK(x.size(1) % 32 == 0, name, ": K must be a multiple of 32");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 16, name, ": 1 to 16 rows");
+  januskit::check_rows_operands(name, x, w);
   x = x.contiguous();
   w = w.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
