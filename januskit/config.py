@@ -161,6 +161,10 @@ class JanusConfig:
     gen_head: GenHeadConfig | None = None
     num_image_tokens: int | None = None
     name: str = "custom"
+    # A januskit extension, off in every released Janus: a learned (num_image_tokens, hidden) table added to the
+    # understanding features after the aligner, so that each image token says which patch it is (see
+    # `JanusModel.image_features`). The official code and transformers have no such table.
+    image_pos_embed: bool = False
 
     def __post_init__(self):
         d = self.llm.hidden_size
@@ -213,6 +217,7 @@ class JanusConfig:
             gen_head=sub(GenHeadConfig, "gen_head"),
             num_image_tokens=d.get("num_image_tokens"),
             name=d.get("name", "custom"),
+            image_pos_embed=bool(d.get("image_pos_embed", False)),
         )
 
     # ------------------------------------------------------------------ official schema
@@ -324,7 +329,8 @@ class JanusConfig:
             "model_type": "multi_modality",
             "torch_dtype": "float32",
             "vision_config": {"cls": "CLIPVisionTower", "model_type": "vision", "params": vision_params},
-            "januskit": {"name": self.name, "num_image_tokens": self.num_image_tokens, "vq_image_size": q.image_size},
+            "januskit": {"name": self.name, "num_image_tokens": self.num_image_tokens, "vq_image_size": q.image_size,
+                         **({"image_pos_embed": True} if self.image_pos_embed else {})},
         }
 
     # ------------------------------------------------------------------ transformers schema
@@ -390,6 +396,7 @@ class JanusConfig:
                     cfg.vq = dataclasses.replace(cfg.vq, image_size=int(extra["vq_image_size"]))
                 if "name" in extra:
                     cfg.name = extra["name"]
+                cfg.image_pos_embed = bool(extra.get("image_pos_embed", False))
                 return cfg
             if mt == "janus":
                 return cls.from_hf_dict(d)

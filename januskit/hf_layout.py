@@ -148,6 +148,8 @@ def _hf_name_to_official(name: str) -> str:
 def hf_config_dict(cfg: JanusConfig) -> dict:
     """transformers `config.json` for the same architecture (model_type `janus`)."""
     l, v, q = cfg.llm, cfg.vision, cfg.vq
+    if cfg.image_pos_embed:
+        raise ValueError("the transformers layout has no image position table (this model has image_pos_embed)")
     if cfg.vision.select_feature != "same" or cfg.vision.depth != cfg.vision.layers:
         raise ValueError("the transformers layout supports only select_layer=-1, select_feature='same'")
     if cfg.gen_head.image_token_embed != cfg.gen_aligner.n_embed:

@@ -60,6 +60,8 @@ class JanusModel(nn.Module):
         self.gen_head = GenHead(cfg.gen_head)
         self.gen_embed = nn.Embedding(cfg.vq.codebook_size, cfg.vq.codebook_embed_dim)
         self.language_model = LlamaLM(cfg.llm)
+        if cfg.image_pos_embed:
+            self.image_pos_embed = nn.Parameter(torch.zeros(cfg.num_image_tokens, cfg.llm.hidden_size))
 
     @property
     def decoder(self):
@@ -67,7 +69,11 @@ class JanusModel(nn.Module):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Understanding images (N, 3, S, S) -> LLM-space features (N, num_image_tokens, D)."""
-        return self.aligner(self.vision_model(pixels))
+        feats = self.aligner(self.vision_model(pixels))
+        if self.config.image_pos_embed:
+            # Which patch each token is, at the scale of the content (januskit extension, see JanusConfig).
+            feats = feats + self.image_pos_embed.to(feats.dtype)
+        return feats
 
     def embed_image_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """VQ code ids (...) -> LLM input embeddings (..., D)."""

@@ -293,3 +293,21 @@ def test_chain_with_position_reasons_trains_on_reasoned_answers(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="position reasons"):
         run_chain(tmp_path, fast=True)
+
+
+def test_chain_with_the_image_position_table_trains_it_from_stage_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from januskit.train.stages import stage_plan
+
+    assert stage_plan(1).is_trainable("image_pos_embed") and not stage_plan(1).is_trainable("language_model.x")
+    run_chain(tmp_path, fast=True, image_pos_embed=True)
+    assert json.loads((tmp_path / "stage0" / ".done").read_text())["image_pos_embed"]
+    start, s1 = (load_file(str(tmp_path / d / "model.safetensors"))["image_pos_embed"]
+                 for d in ("stage0", "stage1/final"))
+    torch.testing.assert_close(start.norm(dim=-1), torch.ones(16))  # unit-norm sine-cosine seed, one row a patch
+    assert not torch.equal(start, s1)  # an adaptor: it trains in stage I
+    janus = Janus.from_pretrained(tmp_path / "model")
+    assert janus.config.image_pos_embed
+    with pytest.raises(ValueError, match="image position table"):
+        run_chain(tmp_path, fast=True)

@@ -151,3 +151,36 @@ def test_bad_generation_defaults_are_named(tmp_path, official_sd, text, needle):
     with pytest.raises(JanusError, match="generation.json") as e:
         Janus.from_pretrained(d)
     assert needle in str(e.value)
+
+
+def test_image_position_table_round_trips_and_shifts_each_token(tmp_path, official_janus):
+    import dataclasses
+
+    from januskit.janus import JanusModel
+
+    cfg = dataclasses.replace(official_janus.config, image_pos_embed=True)
+    model = JanusModel(cfg)
+    missing, unexpected = model.load_state_dict(official_janus.model.state_dict(), strict=False)
+    assert missing == ["image_pos_embed"] and not unexpected
+    with torch.no_grad():
+        model.image_pos_embed.copy_(torch.randn(model.image_pos_embed.shape))
+    janus = Janus(model.eval(), official_janus.processor)
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_features(pixels),
+                                   official_janus.model.image_features(pixels) + model.image_pos_embed)
+
+    out = janus.save_pretrained(tmp_path / "pos")
+    assert json.loads((out / "config.json").read_text())["januskit"]["image_pos_embed"] is True
+    back = Janus.from_pretrained(out)
+    assert back.config.image_pos_embed and back.config == cfg
+    _same_weights(back, janus)
+    # A checkpoint that says it has the table but lacks the tensor is named, not half-loaded.
+    sd = load_file(str(out / "model.safetensors"))
+    del sd["image_pos_embed"]
+    save_file(sd, str(out / "model.safetensors"))
+    with pytest.raises(JanusError, match="image_pos_embed"):
+        Janus.from_pretrained(out)
+    # transformers' Janus has no such table: the export refuses instead of dropping it.
+    with pytest.raises(ValueError, match="image_pos_embed"):
+        janus.save_pretrained(tmp_path / "hf", layout="hf")

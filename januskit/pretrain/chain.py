@@ -78,7 +78,7 @@ def _step(out: Path, name: str, timings: dict):
 
 
 def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | None = None,
-              factored_head: bool = False, position_reasons: bool = False) -> Path:
+              factored_head: bool = False, position_reasons: bool = False, image_pos_embed: bool = False) -> Path:
     """Run (or resume) the chain; returns the exported model directory.
 
     `factored_head`: the image head's last layer scores a code as the sum of its shape, colour and size
@@ -86,7 +86,11 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     taught about its attributes (experimental; an OUT keeps the choice it was started with).
 
     `position_reasons`: the data answers position questions with the two rows or columns before the yes or no
-    (`world.position_answer`); likewise kept by an OUT."""
+    (`world.position_answer`); likewise kept by an OUT.
+
+    `image_pos_embed`: the model adds a learned table of patch positions to the understanding features after the
+    aligner (`JanusConfig.image_pos_embed`, a januskit extension), seeded with 2-D sine-cosine codes of unit norm;
+    likewise kept by an OUT."""
     from ..api import GenerationDefaults
     from . import llm as llm_mod
     from . import siglip as siglip_mod
@@ -113,6 +117,7 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     vocab = proc.tokenizer.get_vocab_size()
     config = preset("januskit-shapes")
     config.llm.vocab_size = vocab
+    config.image_pos_embed = image_pos_embed
 
     def vq_step(d):
         # The tokenizer's images: scenes of the same world but denser (1-16 shapes), as a tokenizer is trained on
@@ -185,14 +190,25 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
             sd.update(read_state_dict_file(f))
         load_into(build_on_meta(config), sd)  # strict check of names and shapes
         model.load_state_dict(sd)
-        info = {"params": sum(p.numel() for p in model.parameters()), "factored_head": factored_head}
+        if image_pos_embed:
+            # Unit norm, the scale of the aligner's output: the place of a patch as loud as what it shows.
+            with torch.no_grad():
+                d_model = config.llm.hidden_size
+                grid = config.vision.image_size // config.vision.patch_size
+                model.image_pos_embed.copy_(siglip_mod.sincos_2d(grid, d_model) / d_model ** 0.5)
+        info = {"params": sum(p.numel() for p in model.parameters()), "factored_head": factored_head,
+                "image_pos_embed": image_pos_embed}
         if factored_head:
             info["codes_with_content"] = _factor_head(model, seed, n=64 if fast else 2000)
         Janus(model, proc).save_pretrained(d)
         return info
 
     stage0 = _step(out, "stage0", timings)(assemble)
-    made_with = json.loads((stage0 / ".done").read_text()).get("factored_head", False)
+    stage0_info = json.loads((stage0 / ".done").read_text())
+    if stage0_info.get("image_pos_embed", False) != image_pos_embed:
+        raise ValueError(f"{out} was started {'without' if image_pos_embed else 'with'} the image position table; "
+                         f"resume it the same way or start another --out")
+    made_with = stage0_info.get("factored_head", False)
     if made_with != factored_head:
         raise ValueError(f"{out} was started {'with' if made_with else 'without'} the factored image head; "
                          f"resume it the same way or start another --out")

@@ -17,6 +17,8 @@ def add_cli(sub) -> None:
                         "aiming at drawing the held-out pair")
     p.add_argument("--position-reasons", action="store_true",
                    help="answer position questions with the two objects' rows or columns before the yes or no")
+    p.add_argument("--image-pos-embed", action="store_true",
+                   help="add a learned table of patch positions to the understanding features (januskit extension)")
     p.set_defaults(func=run)
 
 
@@ -25,7 +27,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model = run_chain(args.out, seed=args.seed, fast=args.fast, factored_head=args.factored_head,
-                      position_reasons=args.position_reasons)
+                      position_reasons=args.position_reasons, image_pos_embed=args.image_pos_embed)
     print(model)
     if args.install:
         print(install_default(model))

@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-ADAPTORS = ("aligner.*", "gen_aligner.*", "gen_head.*", "gen_embed.*")
+ADAPTORS = ("aligner.*", "gen_aligner.*", "gen_head.*", "gen_embed.*", "image_pos_embed")
 # SigLIP's attention-pool head ships with the weights but is no part of the Janus forward: it never trains.
 UNUSED = ("vision_model.vision_tower.attn_pool.*",)
 
