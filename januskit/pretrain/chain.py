@@ -108,9 +108,7 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
         return {**info, "position_reasons": position_reasons}
 
     data = _step(out, "data", timings)(data_step)
-    if json.loads((data / ".done").read_text()).get("position_reasons", False) != position_reasons:
-        raise ValueError(f"{out}'s data was made {'with' if not position_reasons else 'without'} position reasons; "
-                         f"resume it the same way or start another --out")
+    _kept_choice(out, data, "position_reasons", position_reasons, "position reasons")
     tokdir = _step(out, "tokenizer", timings)(
         lambda d: tok_mod.train_tokenizer(data).save_pretrained(d) or {})
     proc = JanusProcessor.from_pretrained(tokdir)
@@ -204,14 +202,8 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
         return info
 
     stage0 = _step(out, "stage0", timings)(assemble)
-    stage0_info = json.loads((stage0 / ".done").read_text())
-    if stage0_info.get("image_pos_embed", False) != image_pos_embed:
-        raise ValueError(f"{out} was started {'without' if image_pos_embed else 'with'} the image position table; "
-                         f"resume it the same way or start another --out")
-    made_with = stage0_info.get("factored_head", False)
-    if made_with != factored_head:
-        raise ValueError(f"{out} was started {'with' if made_with else 'without'} the factored image head; "
-                         f"resume it the same way or start another --out")
+    _kept_choice(out, stage0, "image_pos_embed", image_pos_embed, "the image position table")
+    _kept_choice(out, stage0, "factored_head", factored_head, "the factored image head")
 
     def codes_step(d):
         from ..data.codes import prepare_codes
@@ -234,6 +226,15 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     GenerationDefaults(cfg_cutoff=SHAPES_CFG_CUTOFF).write(final)
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     return final
+
+
+def _kept_choice(out: Path, step_dir: Path, key: str, wanted: bool, what: str) -> None:
+    """An OUT keeps the experimental choices it was started with: `key` as recorded in a finished step's .done
+    must equal what this call asks for."""
+    made = json.loads((step_dir / ".done").read_text()).get(key, False)
+    if made != wanted:
+        raise ValueError(f"{out} was started {'with' if made else 'without'} {what}; "
+                         f"resume it the same way or start another --out")
 
 
 FACTORED_HEAD = "gen_head.vision_head.*"
