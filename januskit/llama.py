@@ -135,6 +135,12 @@ class Attention(nn.Module):
                 mask = causal_mask(T, k.shape[2], q.device)
                 causal = False
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, attn_mask=mask)
+        if q.requires_grad and q.device.type == "cpu" and (q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
+            # Training in bf16 on the CPU: torch's bf16 flash-attention backward runs at about 60% of the fp32 one's
+            # speed (packed 192-token rows: 18.5 against 12.4 ms forward + backward), so attend in fp32 (the bundled
+            # model's stage III: ~5% a step less).
+            with torch.autocast("cpu", enabled=False):
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def _decode_step(self, x, cos, sin, mask, cache: KVCache):
@@ -218,6 +224,13 @@ class LlamaDecoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
+        self._compiled: list | None = None  # compiled blocks for training steps (`compile_for_training`)
+
+    def compile_for_training(self) -> None:
+        """torch.compile each block (dynamic shapes: packed rows vary in number and length) for the training
+        forward only. Inference (eval mode, no autograd, KV caches, the CPU kernels) keeps the eager blocks, and
+        the compiled wrappers live outside the module tree, so parameter names and state dicts are unchanged."""
+        self._compiled = [torch.compile(block, dynamic=True) for block in self.layers]
 
     def forward(
         self,
@@ -238,7 +251,10 @@ class LlamaDecoder(nn.Module):
             positions = torch.arange(start, start + T, device=embeds.device)[None].expand(B, T)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
         x = embeds
-        for block in self.layers:
+        blocks = self.layers
+        if self._compiled is not None and self.training and torch.is_grad_enabled() and cache is None:
+            blocks = self._compiled
+        for block in blocks:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
             else:

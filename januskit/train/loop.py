@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -104,6 +106,22 @@ def prepare_model(model: nn.Module, recipe: Recipe, env: DistEnv) -> tuple[nn.Mo
     return forward, optimizer
 
 
+def compile_decoder(model: nn.Module, device: torch.device) -> str:
+    """`train.compile`: torch.compile the decoder blocks for training steps, where the backend has what it needs
+    (a C++ compiler on the CPU, Triton on a GPU); returns the line to log."""
+    if device.type == "cpu":
+        compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+        if not any(shutil.which(c) for c in compilers):
+            return f"train.compile: no C++ compiler ({', '.join(compilers)}) on PATH; training stays eager"
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "train.compile: Triton is not installed; training stays eager"
+    model.decoder.compile_for_training()
+    return f"train.compile: {len(model.decoder.layers)} decoder blocks compiled for training (the first steps compile)"
+
+
 def param_groups(model: nn.Module, lr_scale: dict[str, float]) -> list[dict]:
     """The trainable parameters as AdamW groups: one per `lr_scale` pattern (the first match wins, in the recipe's
     order) carrying its `lr_scale`, then the rest at scale 1. A pattern that names no parameter is an error."""
@@ -154,6 +172,8 @@ def setup(recipe: Recipe, env: DistEnv, data=None, processor=None) -> Run:
     pad_id = processor.pad_id if processor is not None else 0
     feedback = Feedback(Path(recipe.output_dir), env.is_main, recipe.train.steps, recipe.feedback.log_every,
                         recipe.feedback.tensorboard)
+    if recipe.train.compile:
+        feedback.info(compile_decoder(model, env.device))
     return Run(recipe, env, config, model, forward, optimizer, data, processor, pad_id, feedback)
 
 

@@ -57,6 +57,9 @@ class TrainRecipe:
     precision: str = "autocast"  # with bf16: autocast (fp32 weights) or pure (bf16 weights and optimizer state)
     strategy: str = "single"  # single | ddp | fsdp (ddp and fsdp under torchrun)
     activation_checkpointing: bool = False
+    # torch.compile the decoder blocks for the training forward and backward (inference stays eager); on the CPU
+    # it needs a C++ compiler (without one the run warns and stays eager). The first steps pay the compilation.
+    compile: bool = False
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     seed: int = 0
 
