@@ -316,3 +316,13 @@ def test_compiled_training_matches_eager_and_inference_stays_eager(tmp_path):
         out = compiled.model.eval().decoder(x)
         torch.testing.assert_close(out, eager.model.eval().decoder(x), rtol=1e-4, atol=1e-5)
     assert dict(torch._dynamo.utils.counters["frames"]) == frames  # no compilation outside training steps
+
+
+def test_compile_without_a_compiler_says_so_and_stays_eager(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("januskit.train.loop.shutil.which", lambda name: None)
+    with caplog.at_level("INFO"):
+        run = setup(recipe(tmp_path, train__compile=True), DistEnv(), data=SyntheticData())
+    assert run.model.decoder._compiled is None
+    assert "train.compile: no C++ compiler" in caplog.text
+    with pytest.raises(ValueError, match="train.compile must be false with train.strategy = fsdp"):
+        recipe(tmp_path, train__compile=True, train__strategy="fsdp")
