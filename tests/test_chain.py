@@ -43,25 +43,26 @@ def test_sincos_table_is_distinct_per_cell_and_unit_scale():
         sincos_2d(4, 130)
 
 
-def test_interrupted_stage_resumes_from_its_checkpoint(chain_dir, monkeypatch):
+def test_interrupted_stage_resumes_from_its_checkpoint(chain_dir):
     import shutil
 
-    import januskit.train.loop as loop
-
-    # Take stage 3 back to "interrupted after its checkpoint": final weights gone, checkpoints kept.
+    # Take stage 3 back to "interrupted after its checkpoint": final weights gone, checkpoints kept. Started afresh,
+    # the stage's process would refuse the run directory ("already holds checkpoints") and the chain would raise.
     shutil.rmtree(chain_dir / "stage3" / "final")
     shutil.rmtree(chain_dir / "model")
-    seen = {}
-    real = loop.train
-
-    def spy(recipe, resume=None, **kw):
-        seen["resume"] = resume
-        return real(recipe, resume=resume, **kw)
-
-    monkeypatch.setattr(loop, "train", spy)
+    steps_logged = (chain_dir / "stage3" / "metrics.jsonl").read_text().count('"step"')
     run_chain(chain_dir, fast=True)
-    assert seen["resume"] == "latest"
     assert (chain_dir / "model" / "model.safetensors").exists()
+    assert (chain_dir / "stage3" / "metrics.jsonl").read_text().count('"step"') == steps_logged  # nothing retrained
+
+
+def test_a_failing_stage_names_itself(chain_dir):
+    from januskit.pretrain.chain import _train_in_own_process
+
+    with pytest.raises(RuntimeError, match="shapes-stage3: training stopped with exit code 1"):
+        # the stage's run directory holds checkpoints, and no resume was asked for: the child refuses it
+        _train_in_own_process("shapes-stage3", [f"model.checkpoint={chain_dir / 'stage2' / 'final'}",
+                                                f"output_dir={chain_dir / 'stage3'}"], None)
 
 
 def test_chain_resumes_by_skipping_finished_steps(chain_dir):
