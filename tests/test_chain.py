@@ -56,13 +56,12 @@ def test_interrupted_stage_resumes_from_its_checkpoint(chain_dir):
     assert (chain_dir / "stage3" / "metrics.jsonl").read_text().count('"step"') == steps_logged  # nothing retrained
 
 
-def test_a_failing_stage_names_itself(chain_dir):
+def test_a_failing_stage_names_itself(tmp_path):
     from januskit.pretrain.chain import _train_in_own_process
 
     with pytest.raises(RuntimeError, match="shapes-stage3: training stopped with exit code 1"):
-        # the stage's run directory holds checkpoints, and no resume was asked for: the child refuses it
-        _train_in_own_process("shapes-stage3", [f"model.checkpoint={chain_dir / 'stage2' / 'final'}",
-                                                f"output_dir={chain_dir / 'stage3'}"], None)
+        _train_in_own_process("shapes-stage3", [f"model.checkpoint={tmp_path / 'missing'}",
+                                                f"output_dir={tmp_path / 'run'}"], None)
 
 
 def test_chain_resumes_by_skipping_finished_steps(chain_dir):
