@@ -8,6 +8,7 @@ import argparse
 import io
 import json
 import random
+import shutil
 import tarfile
 
 import pytest
@@ -315,6 +316,18 @@ def test_code_cache_round_trip(processor, config, vq, images, tmp_path):
     a = build(builder(processor, config, codes=cache), rec, images)
     b = build(builder(processor, config, codes=fly), rec, images)
     assert torch.equal(a.gen_codes, b.gen_codes) and torch.equal(a.image_targets, b.image_targets)
+    # a run directory copied with its data and cache finds the copy's images, also once the original is gone
+    copy = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, copy, symlinks=True)
+    moved = CodeCache(copy / "cache", fingerprint=fp)
+    new_images = copy / images.relative_to(tmp_path)
+    for name in ("b.png", "sub/b.png"):
+        assert torch.equal(moved.codes_for(ImageRef(new_images / name)), cache.codes_for(ImageRef(images / name)))
+    with pytest.raises(BrokenRecord, match="missing.png"):
+        moved.codes_for(ImageRef(new_images / "missing.png"))
+    want = fly.codes_for(ImageRef(images / "sub/b.png"))
+    shutil.rmtree(images)
+    assert torch.equal(moved.codes_for(ImageRef(new_images / "sub/b.png")), want)
 
 
 def test_prepare_codes_command_line(processor, tiny_model, images, tmp_path):

@@ -77,7 +77,9 @@ def cache_key(path: Path, root: Path) -> str:
 class CodeCache:
     """Codes precomputed by `prepare_codes`. With `fingerprint` (of the VQ the model uses, `vq_fingerprint`) a
     cache made by another VQ or resolution is an error. `root` overrides the recorded dataset root, for a
-    dataset that moved since the cache was made."""
+    dataset that moved since the cache was made. Without it an image is looked up under the dataset root as seen
+    from the cache directory (so a run directory copied with its data and cache finds its own images), then under
+    the recorded absolute root."""
 
     def __init__(self, directory: str | os.PathLike, fingerprint: str | None = None,
                  root: str | os.PathLike | None = None):
@@ -97,7 +99,13 @@ class CodeCache:
                 f"{index['image_size']}px, the model's VQ is {fingerprint}; run `januskit prepare-codes` again"
             )
         self.fingerprint, self.image_size = index["fingerprint"], index["image_size"]
-        self.root = Path(root) if root is not None else Path(index["root"])
+        if root is not None:
+            self.roots = [Path(root)]
+        else:
+            self.roots = [Path(index["root"])]
+            beside = index.get("root_from_cache")
+            if beside is not None and (self.directory / beside).is_dir():
+                self.roots.insert(0, self.directory / beside)
         self._entries: dict[str, list[int]] = index["entries"]
         self._broken: dict[str, str] = index["broken"]
         self._shards = [np.load(self.directory / name, mmap_mode="r") for name in index["shards"]]
@@ -106,7 +114,11 @@ class CodeCache:
         return len(self._entries)
 
     def codes_for(self, image: ImageRef) -> torch.Tensor:
-        key = cache_key(_as_ref(image).path, self.root)
+        path = _as_ref(image).path
+        for root in self.roots:
+            key = cache_key(path, root)
+            if key in self._entries or key in self._broken:
+                break
         hit = self._entries.get(key)
         if hit is None:
             if key in self._broken:
@@ -191,7 +203,7 @@ def prepare_codes(manifests: Iterable[str | os.PathLike], vq_model: nn.Module, p
     flush_batch()
     flush_file()
     index = {"version": VERSION, "fingerprint": vq_fingerprint(vq_model, image_size), "image_size": image_size,
-             "root": str(root.resolve()), "shards": files, "entries": entries, "broken": broken}
+             "root": str(root.resolve()), "root_from_cache": cache_key(root, out_dir), "shards": files, "entries": entries, "broken": broken}
     tmp = out_dir / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index))
     tmp.replace(out_dir / INDEX)
