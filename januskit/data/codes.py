@@ -123,7 +123,7 @@ class CodeCache:
         if hit is None:
             if key in self._broken:
                 raise BrokenRecord("bad image", f"{key}: {self._broken[key]} (when the cache was made)")
-            raise BrokenRecord("no codes", f"{key} is not in the code cache {self.directory}")
+            raise BrokenRecord("no codes", f"{path} is not in the code cache {self.directory}")
         shard, row = hit
         return torch.from_numpy(self._shards[shard][row].astype(np.int64))
 
@@ -203,7 +203,8 @@ def prepare_codes(manifests: Iterable[str | os.PathLike], vq_model: nn.Module, p
     flush_batch()
     flush_file()
     index = {"version": VERSION, "fingerprint": vq_fingerprint(vq_model, image_size), "image_size": image_size,
-             "root": str(root.resolve()), "root_from_cache": cache_key(root, out_dir), "shards": files, "entries": entries, "broken": broken}
+             "root": str(root.resolve()), "root_from_cache": cache_key(root, out_dir), "shards": files,
+             "entries": entries, "broken": broken}
     tmp = out_dir / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index))
     tmp.replace(out_dir / INDEX)
