@@ -202,8 +202,12 @@ def prepare_codes(manifests: Iterable[str | os.PathLike], vq_model: nn.Module, p
                 flush_batch()
     flush_batch()
     flush_file()
+    try:
+        beside = cache_key(root, out_dir)
+    except ValueError:  # no relative path between them (Windows drives): the absolute root only
+        beside = None
     index = {"version": VERSION, "fingerprint": vq_fingerprint(vq_model, image_size), "image_size": image_size,
-             "root": str(root.resolve()), "root_from_cache": cache_key(root, out_dir), "shards": files,
+             "root": str(root.resolve()), "root_from_cache": beside, "shards": files,
              "entries": entries, "broken": broken}
     tmp = out_dir / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index))
