@@ -104,8 +104,10 @@ class CodeCache:
         else:
             self.roots = [Path(index["root"])]
             beside = index.get("root_from_cache")
-            if beside is not None and (self.directory / beside).is_dir():
-                self.roots.insert(0, self.directory / beside)
+            beside = self.directory / beside if beside is not None else None
+            # Moved with its data (the two roots differ): try the copy's own data first.
+            if beside is not None and beside.is_dir() and os.path.realpath(beside) != os.path.realpath(self.roots[0]):
+                self.roots.insert(0, beside)
         self._entries: dict[str, list[int]] = index["entries"]
         self._broken: dict[str, str] = index["broken"]
         self._shards = [np.load(self.directory / name, mmap_mode="r") for name in index["shards"]]
