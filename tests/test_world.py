@@ -7,7 +7,7 @@ import numpy as np
 from PIL import ImageFilter
 
 from januskit.data.world import CATEGORIES, HELD_OUT, build_dataset, caption, cell_of, final_answer, questions, random_scene, \
-    relation_questions, random_spec, scene_for_spec, spec_text
+    relation_questions, random_spec, scene_for_spec, spec_text, where_questions
 from januskit.eval.shapescore import answer, check_prompt, detect
 
 
@@ -167,3 +167,35 @@ def test_position_answers_give_true_rows_and_columns_first():
     assert final_answer(" Yes.") == "yes" and final_answer("The red circle is in row 1, so no.") == "no"
     plain = [q for q in questions(random_scene(random.Random(9), n=3), random.Random(9))]
     assert all(q["answer"] in ("yes", "no") for q in plain if q["qtype"] == "position")
+
+
+def test_where_and_caption_turns_touch_only_the_chats(tmp_path):
+    """Where and caption turns are added to the SFT chats only (their own random stream: images and every other
+    manifest are byte for byte those of a plain world); a where answer names the cell the scorer finds the object
+    in; a chat holds caption or where turns, never both, and every chat about a scene gets one or the other."""
+    build_dataset(tmp_path / "plain", 40, 3, n_eval=12)
+    build_dataset(tmp_path / "turns", 40, 3, n_eval=12, where_turns=True, caption_turns=True)
+    for f in sorted((tmp_path / "plain").rglob("*")):
+        if f.is_file() and f.name != "chat.jsonl":
+            assert f.read_bytes() == (tmp_path / "turns" / f.relative_to(tmp_path / "plain")).read_bytes(), f.name
+    kinds = {"where": 0, "caption": 0}
+    for rec in _read(tmp_path / "turns" / "chat.jsonl"):
+        scene = rec["scene"]
+        users = [m["content"] for m in rec["messages"] if m["role"] == "user"]
+        answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+        where = [a for u, a in zip(users, answers) if u.startswith("Where is") or "\nWhere is" in u]
+        capt = [a for u, a in zip(users, answers) if u.endswith("Describe the image in detail.")]
+        assert not (where and capt) and len(where) <= 2
+        kinds["where"] += bool(where)
+        kinds["caption"] += bool(capt)
+        for a in capt:
+            assert a.startswith(f"{['One', 'Two', 'Three', 'Four'][len(scene['objects']) - 1]} shape")
+    assert kinds["where"] > 10 and kinds["caption"] > 3
+    rng = random.Random(4)
+    for _ in range(200):
+        scene = random_scene(rng)
+        found = detect(scene.render(64))
+        for q in where_questions(scene):
+            color, shape = q["question"][len("Where is the "):-1].split()
+            r, c = (int(q["answer"].split(" row ")[1][0]) - 1, int(q["answer"].split(" column ")[1][0]) - 1)
+            assert [cell_of(*o.center) for o in found if (o.color, o.shape) == (color, shape)] == [(r, c)], q

@@ -296,6 +296,18 @@ def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_ou
     return qs
 
 
+def where_questions(scene: Scene) -> list[dict]:
+    """"Where is the <colour> <shape>?" for every object the phrase picks out, answered with its grid cell ("The red
+    circle is in row 2 and column 3.", counted from 1 at the top / left): the lookup from a named object to its
+    place that position questions need, asked on its own."""
+    qs = []
+    for o in _named(scene.objects):
+        r, c = cell_of(o.x, o.y)
+        qs.append({"question": f"Where is the {o.color} {o.shape}?",
+                   "answer": f"The {o.color} {o.shape} is in row {r + 1} and column {c + 1}.", "qtype": "where"})
+    return qs
+
+
 def relation_questions(scene: Scene, rng: random.Random, relations: int = 2) -> list[dict]:
     """Position questions contrasted within one image: for up to `relations` relations that hold between two named
     objects, the question in both orders (one yes, one no), so the answer can only come from where each one is."""
@@ -340,8 +352,15 @@ class _Writer:
 
 
 def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT, n_eval: int = 300,
-                  relation_pairs: bool = False, position_reasons: bool = False) -> dict:
+                  relation_pairs: bool = False, position_reasons: bool = False, where_turns: bool = False,
+                  caption_turns: bool = False) -> dict:
     """Write every training manifest (about n records per kind) and the held-out evaluation sets.
+
+    `caption_turns`: a quarter of the SFT chats about a scene also ask "Describe the image in detail." (without
+    it, SFT erases the captioning that stage II taught). `where_turns`: the other chats about a scene also ask where
+    two of its nameable objects are (`where_questions`). Caption and where turns are never in one chat, which keeps
+    every chat within 256 tokens. Both touch only chat.jsonl (their own random stream), so the images and every other
+    manifest stay the same.
 
     `position_reasons`: position questions are answered with the rows or columns first (`position_answer`), in
     training and in the evaluation set (which is scored on the final yes or no, `final_answer`).
@@ -374,6 +393,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
     rng = random.Random(seed)
     srng = random.Random(seed * 7_919 + 23)  # single-object questions (their own stream: the rest stays the same)
     prng = random.Random(seed * 7_919 + 29)  # two-shape relation questions (likewise)
+    crng = random.Random(seed * 7_919 + 31)  # which chats get a caption turn (likewise)
     w = _Writer(out, size)
     rec: dict[str, list[dict]] = {k: [] for k in ("caption", "caption_qa", "vqa", "class_to_image", "text_to_image",
                                                   "interleaved", "text", "chat", "chat_image")}
@@ -392,7 +412,13 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
         # SFT chats are multi-turn, as in LLaVA-style data: every question about the image, in a random order (its
         # own stream, so the rest of the data does not depend on it), each answer a loss target. Several answers per
         # image make a step's understanding samples carry several times the supervision for a few more tokens.
-        rec["chat"].append(_chat_record(img, qs, random.Random(seed * 1_000_003 + i), sd))
+        chat_qs = list(qs)
+        if caption_turns and crng.random() < 0.25:
+            chat_qs.append({"question": "Describe the image in detail.", "answer": cap, "qtype": "caption"})
+        elif where_turns:
+            wq = where_questions(scene)
+            chat_qs += crng.sample(wq, min(2, len(wq)))
+        rec["chat"].append(_chat_record(img, chat_qs, random.Random(seed * 1_000_003 + i), sd))
         # generation: a GenEval-style prompt, a class name, and sometimes a full caption as the prompt
         spec = random_spec(rng, CATEGORIES[i % len(CATEGORIES)], held_out)
         while spec_text(spec) in reserved:

@@ -78,7 +78,8 @@ def _step(out: Path, name: str, timings: dict):
 
 
 def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | None = None,
-              factored_head: bool = False, position_reasons: bool = False, image_pos_embed: bool = False) -> Path:
+              factored_head: bool = False, position_reasons: bool = False, image_pos_embed: bool = False,
+              where_turns: bool = False, caption_turns: bool = False) -> Path:
     """Run (or resume) the chain; returns the exported model directory.
 
     `factored_head`: the image head's last layer scores a code as the sum of its shape, colour and size
@@ -86,7 +87,8 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     taught about its attributes (experimental; an OUT keeps the choice it was started with).
 
     `position_reasons`: the data answers position questions with the two rows or columns before the yes or no
-    (`world.position_answer`); likewise kept by an OUT.
+    (`world.position_answer`); likewise kept by an OUT, as are `where_turns` (SFT chats also ask where each object
+    is, `world.where_questions`) and `caption_turns` (half the SFT chats also ask for a detailed caption).
 
     `image_pos_embed`: the model adds a learned table of patch positions to the understanding features after the
     aligner (`JanusConfig.image_pos_embed`, a januskit extension), seeded with 2-D sine-cosine codes of unit norm;
@@ -104,11 +106,15 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     torch.manual_seed(seed)
 
     def data_step(d):
-        info = build_dataset(d, size.scenes, seed, n_eval=60 if fast else 300, position_reasons=position_reasons)
-        return {**info, "position_reasons": position_reasons}
+        info = build_dataset(d, size.scenes, seed, n_eval=60 if fast else 300, position_reasons=position_reasons,
+                             where_turns=where_turns, caption_turns=caption_turns)
+        return {**info, "position_reasons": position_reasons, "where_turns": where_turns,
+                "caption_turns": caption_turns}
 
     data = _step(out, "data", timings)(data_step)
     _kept_choice(out, data, "position_reasons", position_reasons, "position reasons")
+    _kept_choice(out, data, "where_turns", where_turns, "where turns")
+    _kept_choice(out, data, "caption_turns", caption_turns, "caption turns")
     tokdir = _step(out, "tokenizer", timings)(
         lambda d: tok_mod.train_tokenizer(data).save_pretrained(d) or {})
     proc = JanusProcessor.from_pretrained(tokdir)

@@ -19,6 +19,10 @@ def add_cli(sub) -> None:
                    help="answer position questions with the two objects' rows or columns before the yes or no")
     p.add_argument("--image-pos-embed", action="store_true",
                    help="add a learned table of patch positions to the understanding features (januskit extension)")
+    p.add_argument("--where-turns", action="store_true",
+                   help="SFT chats also ask where each object is (its row and column)")
+    p.add_argument("--caption-turns", action="store_true",
+                   help="half the SFT chats also ask for a detailed caption")
     p.set_defaults(func=run)
 
 
@@ -27,7 +31,8 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model = run_chain(args.out, seed=args.seed, fast=args.fast, factored_head=args.factored_head,
-                      position_reasons=args.position_reasons, image_pos_embed=args.image_pos_embed)
+                      position_reasons=args.position_reasons, image_pos_embed=args.image_pos_embed,
+                      where_turns=args.where_turns, caption_turns=args.caption_turns)
     print(model)
     if args.install:
         print(install_default(model))
