@@ -101,6 +101,8 @@ def test_eval_report(chain_dir, tmp_path):
     assert r["scorer"]["ground_truth"] >= 0.99
     report = (tmp_path / "report.md").read_text()
     assert "POPE" in report and "Without the cutoff" in report and (tmp_path / "samples.png").exists()
+    pc = r["places_and_captions"]
+    assert pc["where"]["questions"] > 0 and pc["caption"]["images"] > 0 and "Where is the" in report
 
 
 def test_chain_records_the_component_gates(chain_dir):

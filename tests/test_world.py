@@ -199,3 +199,38 @@ def test_where_and_caption_turns_touch_only_the_chats(tmp_path):
             color, shape = q["question"][len("Where is the "):-1].split()
             r, c = (int(q["answer"].split(" row ")[1][0]) - 1, int(q["answer"].split(" column ")[1][0]) - 1)
             assert [cell_of(*o.center) for o in found if (o.color, o.shape) == (color, shape)] == [(r, c)], q
+
+
+def test_places_and_captions_scoring(tmp_path):
+    """The eval's where and caption measures: right answers score 1, a wrong column or a dropped sentence counts
+    against the model (checked with a stand-in model that answers from the ground truth, edited)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from januskit.data.world import Scene
+    from januskit.eval.bench import places_and_captions
+
+    build_dataset(tmp_path, 20, 2, n_eval=40)
+    records = _read(tmp_path / "eval_vqa.jsonl")
+    scene_of = {Image.open(tmp_path / r["image"]).convert("RGB").tobytes(): Scene.from_dict(r["scene"]) for r in records}
+
+    class Truth:
+        def __init__(self, edit=lambda a: a):
+            self.edit = edit
+
+        def chat_batch(self, convs, **kw):
+            out = []
+            for conv in convs:
+                question, scene = conv[0]["content"].split("\n", 1)[1], scene_of[conv[0]["images"][0].tobytes()]
+                want = caption(scene) if question.startswith("Describe") else \
+                    next(w["answer"] for w in where_questions(scene) if w["question"] == question)
+                out.append(SimpleNamespace(text=" " + self.edit(want)))
+            return out
+
+    right = places_and_captions(Truth(), records, tmp_path)
+    assert right["where"]["all"] == 1.0 and right["caption"]["sentences"] == right["caption"]["exact"] == 1.0
+    assert right["where"]["questions"] > 10 and set(right["where"]["by_objects"]) <= {1, 2, 3, 4}
+    off = places_and_captions(Truth(lambda a: a.replace("column", "column 9") if " row " in a else a.rsplit(" ", 3)[0]),
+                              records, tmp_path)
+    assert off["where"]["all"] == 0.0 and off["caption"]["exact"] == 0.0 and 0.0 < off["caption"]["sentences"] < 1.0

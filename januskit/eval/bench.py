@@ -1,5 +1,6 @@
 """Evaluation on the shapes world: a GenEval-style generation benchmark and a VQA / POPE-style understanding
-benchmark, both on held-out prompts and images, with held-out colour-shape pairs reported separately.
+benchmark, both on held-out prompts and images, with held-out colour-shape pairs reported separately; beside them,
+outside the understanding score, where the model places a named object and how well it captions.
 
 GenEval (Ghosh et al. 2023) scores each generated image by detecting its objects; a prompt category's accuracy
 is the fraction of correct images, and the overall score is the mean of the category accuracies.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..data.world import CATEGORIES, final_answer, scene_for_spec
+from ..data.world import CATEGORIES, Scene, caption, final_answer, scene_for_spec, where_questions
 from ..vq import to_uint8
 from .shapescore import check_prompt, detect
 
@@ -91,6 +93,38 @@ def understanding(janus, records: list[dict], data_dir: Path, batch: int = 16) -
             "held_out": block([x for x in rows if x[0]["held_out"]]), "all": block(rows)}
 
 
+def places_and_captions(janus, records: list[dict], data_dir: Path, batch: int = 16) -> dict:
+    """On each evaluation image (scenes without held-out pairs): "Where is the <colour> <shape>?" for every object the
+    phrase picks out, right when the reply's row and column are the object's cell (by the scene's object count), and
+    "Describe the image in detail.", scored by the share of the caption's sentences the reply holds word for word
+    (`sentences`) and of replies that are the whole caption (`exact`). Not part of the understanding score: a model
+    trained without such turns is not expected to answer them."""
+    scenes = {}
+    for r in records:
+        if not r["held_out"]:
+            scenes.setdefault(r["image"], Scene.from_dict(r["scene"]))
+    asks = [(im, len(sc.objects), q["question"], q["answer"]) for im, sc in scenes.items() for q in where_questions(sc)]
+    asks += [(im, 0, "Describe the image in detail.", caption(sc)) for im, sc in scenes.items()]
+    where, sentences, exact = defaultdict(list), [], []
+    for i in range(0, len(asks), batch):
+        chunk = asks[i:i + batch]
+        convs = [[{"role": "user", "content": f"<image_placeholder>\n{q}",
+                   "images": [Image.open(data_dir / im).convert("RGB")]},
+                  {"role": "assistant", "content": ""}] for im, _, q, _ in chunk]
+        for (_, n, q, want), reply in zip(chunk, janus.chat_batch(convs, max_new_tokens=96, temperature=0)):
+            got = reply.text.strip()
+            if n:
+                cell = re.search(r"row (\d+) and column (\d+)", got)
+                where[n].append(cell is not None and cell.groups() == re.search(r"row (\d+) and column (\d+)", want).groups())
+            else:
+                parts = [t for t in re.split(r"(?<=\.) ", want)]
+                sentences += [t in got for t in parts]
+                exact.append(got == want)
+    return {"where": {"by_objects": {n: _mean(v) for n, v in sorted(where.items())},
+                      "all": _mean(x for v in where.values() for x in v), "questions": sum(map(len, where.values()))},
+            "caption": {"sentences": _mean(sentences), "exact": _mean(exact), "images": len(exact)}}
+
+
 @torch.inference_mode()
 def scorer_validation(janus, prompts: list[dict], seed: int = 0) -> dict:
     """The scorer on ground-truth renders (its accuracy) and on their VQ reconstructions (the generator's ceiling)."""
@@ -133,10 +167,11 @@ def run_eval(janus, data_dir: Path, out_dir: Path, n: int = 4, cfg_weights=(1.0,
     uncut = {w: geneval(janus, prompts, n=n, cfg_weight=w, cfg_cutoff=0.0, seed=seed)["all"]["overall"]
              for w in cfg_weights} if cutoff > 0 else None
     und = understanding(janus, questions, data_dir)
+    extra = places_and_captions(janus, questions, data_dir)
     val = scorer_validation(janus, prompts[:120])
     report = {"geneval": {k: v for k, v in main.items() if k != "samples"}, "cfg_weight": default_w,
               "cfg_cutoff": cutoff, "cfg_ablation": ablation, "cfg_ablation_no_cutoff": uncut,
-              "understanding": und, "scorer": val, "seconds": round(time.time() - t, 1)}
+              "understanding": und, "places_and_captions": extra, "scorer": val, "seconds": round(time.time() - t, 1)}
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     grid(main["samples"]).save(out_dir / "samples.png")
     (out_dir / "report.md").write_text(markdown(report))
@@ -169,6 +204,14 @@ def markdown(r: dict) -> str:
         lines.append(f"| {split} | {b['accuracy']:.3f} | " + " | ".join(
             f"{pt[k]:.2f}" if k in pt else "-" for k in ("count", "color", "shape", "position", "exist"))
             + f" | {b['pope']['accuracy']:.3f} | {b['pope']['f1']:.3f} | {b['pope']['yes_ratio']:.2f} |")
+    pc = r.get("places_and_captions")
+    if pc:
+        w, c = pc["where"], pc["caption"]
+        lines += ["", "Outside the score (images without held-out pairs): \"Where is the <colour> <shape>?\" answered with "
+                  f"the object's row and column: {w['all']:.3f} of {w['questions']} ("
+                  + ", ".join(f"{n} object{'s' if int(n) > 1 else ''}: {v:.2f}" for n, v in w["by_objects"].items())
+                  + f"); \"Describe the image in detail.\": {c['sentences']:.3f} of the caption sentences said word for "
+                  f"word, {c['exact']:.3f} of {c['images']} captions whole."]
     s = r["scorer"]
     lines += ["", f"Scorer: {s['ground_truth']:.3f} correct on ground-truth renders, {s['vq_reconstruction']:.3f} on "
               f"their VQ reconstructions (the generator's ceiling), {s['n']} prompts.", ""]
