@@ -284,6 +284,13 @@ def test_chain_with_the_factored_head_keeps_it_frozen(tmp_path):
         run_chain(tmp_path, fast=True)
 
 
+def test_a_chain_keeps_its_where_and_caption_turns(chain_dir):
+    # Started without them, a run directory refuses to resume with them (its chats were written without).
+    for kw, what in (({"where_turns": True}, "where turns"), ({"caption_turns": True}, "caption turns")):
+        with pytest.raises(ValueError, match=f"started without {what}"):
+            run_chain(chain_dir, fast=True, **kw)
+
+
 def test_chain_with_position_reasons_trains_on_reasoned_answers(tmp_path):
     from januskit.data.world import final_answer
 
