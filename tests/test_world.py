@@ -213,7 +213,8 @@ def test_places_and_captions_scoring(tmp_path):
 
     build_dataset(tmp_path, 20, 2, n_eval=40)
     records = _read(tmp_path / "eval_vqa.jsonl")
-    scene_of = {Image.open(tmp_path / r["image"]).convert("RGB").tobytes(): Scene.from_dict(r["scene"]) for r in records}
+    scene_of = {Image.open(tmp_path / r["image"]).convert("RGB").tobytes(): Scene.from_dict(r["scene"])
+                for r in records}
 
     class Truth:
         def __init__(self, edit=lambda a: a):

@@ -357,10 +357,10 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
     """Write every training manifest (about n records per kind) and the held-out evaluation sets.
 
     `caption_turns`: a quarter of the SFT chats about a scene also ask "Describe the image in detail." (without
-    it, SFT erases the captioning that stage II taught). `where_turns`: the other chats about a scene also ask where
-    two of its nameable objects are (`where_questions`). Caption and where turns are never in one chat, which keeps
-    every chat within 256 tokens. Both touch only chat.jsonl (their own random stream), so the images and every other
-    manifest stay the same.
+    it, SFT erases the captioning that stage II taught). `where_turns`: the other chats about a scene (all of them
+    without `caption_turns`) also ask where two of its nameable objects are (`where_questions`). Caption and where
+    turns are never in one chat, which keeps every chat within 256 tokens. Both touch only chat.jsonl (their own
+    random stream), so the images and every other manifest stay the same.
 
     `position_reasons`: position questions are answered with the rows or columns first (`position_answer`), in
     training and in the evaluation set (which is scored on the final yes or no, `final_answer`).

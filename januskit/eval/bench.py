@@ -93,6 +93,9 @@ def understanding(janus, records: list[dict], data_dir: Path, batch: int = 16) -
             "held_out": block([x for x in rows if x[0]["held_out"]]), "all": block(rows)}
 
 
+_CELL = re.compile(r"row (\d+) and column (\d+)")
+
+
 def places_and_captions(janus, records: list[dict], data_dir: Path, batch: int = 16) -> dict:
     """On each evaluation image (scenes without held-out pairs): "Where is the <colour> <shape>?" for every object the
     phrase picks out, right when the reply's row and column are the object's cell (by the scene's object count), and
@@ -114,11 +117,10 @@ def places_and_captions(janus, records: list[dict], data_dir: Path, batch: int =
         for (_, n, q, want), reply in zip(chunk, janus.chat_batch(convs, max_new_tokens=96, temperature=0)):
             got = reply.text.strip()
             if n:
-                cell = re.search(r"row (\d+) and column (\d+)", got)
-                where[n].append(cell is not None and cell.groups() == re.search(r"row (\d+) and column (\d+)", want).groups())
+                cell = _CELL.search(got)
+                where[n].append(cell is not None and cell.groups() == _CELL.search(want).groups())
             else:
-                parts = [t for t in re.split(r"(?<=\.) ", want)]
-                sentences += [t in got for t in parts]
+                sentences += [t in got for t in re.split(r"(?<=\.) ", want)]
                 exact.append(got == want)
     return {"where": {"by_objects": {n: _mean(v) for n, v in sorted(where.items())},
                       "all": _mean(x for v in where.values() for x in v), "questions": sum(map(len, where.values()))},
@@ -207,11 +209,11 @@ def markdown(r: dict) -> str:
     pc = r.get("places_and_captions")
     if pc:
         w, c = pc["where"], pc["caption"]
-        lines += ["", "Outside the score (images without held-out pairs): \"Where is the <colour> <shape>?\" answered with "
-                  f"the object's row and column: {w['all']:.3f} of {w['questions']} ("
-                  + ", ".join(f"{n} object{'s' if int(n) > 1 else ''}: {v:.2f}" for n, v in w["by_objects"].items())
-                  + f"); \"Describe the image in detail.\": {c['sentences']:.3f} of the caption sentences said word for "
-                  f"word, {c['exact']:.3f} of {c['images']} captions whole."]
+        per_count = ", ".join(f"{n} object{'s' if int(n) > 1 else ''}: {v:.2f}" for n, v in w["by_objects"].items())
+        lines += ["", "Outside the score (images without held-out pairs): \"Where is the <colour> <shape>?\" answered "
+                  f"with the object's row and column: {w['all']:.3f} of {w['questions']} ({per_count}); \"Describe the "
+                  f"image in detail.\": {c['sentences']:.3f} of the caption sentences said word for word, "
+                  f"{c['exact']:.3f} of {c['images']} captions whole."]
     s = r["scorer"]
     lines += ["", f"Scorer: {s['ground_truth']:.3f} correct on ground-truth renders, {s['vq_reconstruction']:.3f} on "
               f"their VQ reconstructions (the generator's ceiling), {s['n']} prompts.", ""]

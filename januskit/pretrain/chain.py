@@ -88,7 +88,7 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
 
     `position_reasons`: the data answers position questions with the two rows or columns before the yes or no
     (`world.position_answer`); likewise kept by an OUT, as are `where_turns` (SFT chats also ask where each object
-    is, `world.where_questions`) and `caption_turns` (half the SFT chats also ask for a detailed caption).
+    is, `world.where_questions`) and `caption_turns` (a quarter of the SFT chats also ask for a detailed caption).
 
     `image_pos_embed`: the model adds a learned table of patch positions to the understanding features after the
     aligner (`JanusConfig.image_pos_embed`, a januskit extension), seeded with 2-D sine-cosine codes of unit norm;

@@ -20,9 +20,9 @@ def add_cli(sub) -> None:
     p.add_argument("--image-pos-embed", action="store_true",
                    help="add a learned table of patch positions to the understanding features (januskit extension)")
     p.add_argument("--where-turns", action="store_true",
-                   help="SFT chats also ask where each object is (its row and column)")
+                   help="SFT chats (those without a caption turn) also ask where two objects are (row and column)")
     p.add_argument("--caption-turns", action="store_true",
-                   help="half the SFT chats also ask for a detailed caption")
+                   help="a quarter of the SFT chats also ask for a detailed caption")
     p.set_defaults(func=run)
 
 
