@@ -291,6 +291,15 @@ def test_a_chain_keeps_its_where_and_caption_turns(chain_dir):
             run_chain(chain_dir, fast=True, **kw)
 
 
+def test_chain_with_where_and_caption_turns_trains_on_longer_rows(tmp_path):
+    run_chain(tmp_path, fast=True, where_turns=True, caption_turns=True)
+    chats = (tmp_path / "data" / "chat.jsonl").read_text()
+    assert "Where is the" in chats and "Describe the image in detail." in chats
+    rows = {s: json.loads((tmp_path / s / "recipe.json").read_text())["train"]["max_len"] for s in ("stage2", "stage3")}
+    assert rows == {"stage2": 192, "stage3": 256}  # only stage III reads the chats
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+
 def test_chain_with_position_reasons_trains_on_reasoned_answers(tmp_path):
     from januskit.data.world import final_answer
 

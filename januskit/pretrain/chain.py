@@ -223,9 +223,11 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     codes = _step(out, "codes", timings)(codes_step)
 
     previous = stage0
+    # Chats with caption or where turns reach ~220 tokens, past the recipe's 192-token rows (plain chats ~150).
+    longer = ["train.max_len=256"] if where_turns or caption_turns else []
     for stage, steps in zip((1, 2, 3), size.stage_steps):
         previous = _run_stage(out, stage, steps, previous, data, codes, size, timings,
-                              frozen=[FACTORED_HEAD] if factored_head else [])
+                              frozen=[FACTORED_HEAD] if factored_head else [], extra=longer if stage == 3 else [])
     final = out / "model"
     if not (final / "config.json").exists():
         shutil.copytree(previous, final, dirs_exist_ok=True)
@@ -275,7 +277,7 @@ def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _run_stage(out: Path, stage: int, steps: int, start: Path, data: Path, codes: Path, size: ChainSize,
-               timings: dict, frozen: list[str] = ()) -> Path:
+               timings: dict, frozen: list[str] = (), extra: list[str] = ()) -> Path:
     from ..train import checkpoint
     from ..train.recipe import load_recipe
 
@@ -290,6 +292,7 @@ def _run_stage(out: Path, stage: int, steps: int, start: Path, data: Path, codes
     overrides += [f"data.sources.{s['name']}.path={data / Path(s['path']).name}" for s in recipe.data.sources]
     if frozen:
         overrides.append(f"train.frozen={json.dumps(list(recipe.train.frozen) + list(frozen))}")
+    overrides += extra
     load_recipe(f"shapes-stage{stage}", overrides)  # a bad override fails here, before a process starts
     t = time.time()
     # An interrupted stage resumes from its newest checkpoint (written under run_dir/checkpoints/).
