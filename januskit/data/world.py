@@ -296,6 +296,11 @@ def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_ou
     return qs
 
 
+# The caption question of stage II's caption QA (Janus's "<image>Describe the image in detail.<caption>"), also asked
+# in SFT chats with `caption_turns` and by the eval.
+CAPTION_QUESTION = "Describe the image in detail."
+
+
 def where_questions(scene: Scene) -> list[dict]:
     """"Where is the <colour> <shape>?" for every object the phrase picks out, answered with its grid cell ("The red
     circle is in row 2 and column 3.", counted from 1 at the top / left): the lookup from a named object to its
@@ -404,7 +409,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
         sd = scene.to_dict()
         cap = caption(scene)
         rec["caption"].append({"kind": "caption", "image": img, "text": cap, "scene": sd})
-        rec["caption_qa"].append({"kind": "caption_qa", "image": img, "question": "Describe the image in detail.",
+        rec["caption_qa"].append({"kind": "caption_qa", "image": img, "question": CAPTION_QUESTION,
                                   "answer": cap, "scene": sd})
         qs = questions(scene, rng, held_out, reasons=position_reasons)
         for q in qs:
@@ -414,7 +419,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
         # image make a step's understanding samples carry several times the supervision for a few more tokens.
         chat_qs = list(qs)
         if caption_turns and crng.random() < 0.25:
-            chat_qs.append({"question": "Describe the image in detail.", "answer": cap, "qtype": "caption"})
+            chat_qs.append({"question": CAPTION_QUESTION, "answer": cap, "qtype": "caption"})
         elif where_turns:
             wq = where_questions(scene)
             chat_qs += crng.sample(wq, min(2, len(wq)))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..data.world import CATEGORIES, Scene, caption, final_answer, scene_for_spec, where_questions
+from ..data.world import CAPTION_QUESTION, CATEGORIES, Scene, caption, final_answer, scene_for_spec, where_questions
 from ..vq import to_uint8
 from .shapescore import check_prompt, detect
 
@@ -64,16 +64,21 @@ def _summarise(results) -> dict:
             "novel": block([r for r in results if not r[3]]), "all": block(results)}
 
 
+def _ask(janus, asks: list[tuple[str, str]], data_dir: Path, max_new_tokens: int, batch: int = 16) -> list[str]:
+    """Greedy replies to single-turn questions about images: `asks` holds (image path under data_dir, question)."""
+    replies = []
+    for i in range(0, len(asks), batch):
+        convs = [[{"role": "user", "content": f"<image_placeholder>\n{q}",
+                   "images": [Image.open(data_dir / im).convert("RGB")]},
+                  {"role": "assistant", "content": ""}] for im, q in asks[i:i + batch]]
+        replies += [r.text for r in janus.chat_batch(convs, max_new_tokens=max_new_tokens, temperature=0)]
+    return replies
+
+
 def understanding(janus, records: list[dict], data_dir: Path, batch: int = 16) -> dict:
-    rows = []
-    for i in range(0, len(records), batch):
-        chunk = records[i:i + batch]
-        convs = [[{"role": "user", "content": f"<image_placeholder>\n{r['question']}",
-                   "images": [Image.open(data_dir / r["image"]).convert("RGB")]},
-                  {"role": "assistant", "content": ""}] for r in chunk]
-        # Reasoned answers ("The red circle is in row 1 and ..., so yes.") are scored on their final yes or no.
-        for r, reply in zip(chunk, janus.chat_batch(convs, max_new_tokens=40, temperature=0)):
-            rows.append((r, final_answer(reply.text)))
+    replies = _ask(janus, [(r["image"], r["question"]) for r in records], data_dir, max_new_tokens=40, batch=batch)
+    # Reasoned answers ("The red circle is in row 1 and ..., so yes.") are scored on their final yes or no.
+    rows = [(r, final_answer(text)) for r, text in zip(records, replies)]
 
     def block(sel):
         by = defaultdict(list)
@@ -107,21 +112,17 @@ def places_and_captions(janus, records: list[dict], data_dir: Path, batch: int =
         if not r["held_out"]:
             scenes.setdefault(r["image"], Scene.from_dict(r["scene"]))
     asks = [(im, len(sc.objects), q["question"], q["answer"]) for im, sc in scenes.items() for q in where_questions(sc)]
-    asks += [(im, 0, "Describe the image in detail.", caption(sc)) for im, sc in scenes.items()]
+    asks += [(im, 0, CAPTION_QUESTION, caption(sc)) for im, sc in scenes.items()]
     where, sentences, exact = defaultdict(list), [], []
-    for i in range(0, len(asks), batch):
-        chunk = asks[i:i + batch]
-        convs = [[{"role": "user", "content": f"<image_placeholder>\n{q}",
-                   "images": [Image.open(data_dir / im).convert("RGB")]},
-                  {"role": "assistant", "content": ""}] for im, _, q, _ in chunk]
-        for (_, n, q, want), reply in zip(chunk, janus.chat_batch(convs, max_new_tokens=96, temperature=0)):
-            got = reply.text.strip()
-            if n:
-                cell = _CELL.search(got)
-                where[n].append(cell is not None and cell.groups() == _CELL.search(want).groups())
-            else:
-                sentences += [t in got for t in re.split(r"(?<=\.) ", want)]
-                exact.append(got == want)
+    replies = _ask(janus, [(im, q) for im, _, q, _ in asks], data_dir, max_new_tokens=96, batch=batch)
+    for (_, n, _, want), text in zip(asks, replies):
+        got = text.strip()
+        if n:
+            cell = _CELL.search(got)
+            where[n].append(cell is not None and cell.groups() == _CELL.search(want).groups())
+        else:
+            sentences += [t in got for t in re.split(r"(?<=\.) ", want)]
+            exact.append(got == want)
     return {"where": {"by_objects": {n: _mean(v) for n, v in sorted(where.items())},
                       "all": _mean(x for v in where.values() for x in v), "questions": sum(map(len, where.values()))},
             "caption": {"sentences": _mean(sentences), "exact": _mean(exact), "images": len(exact)}}
