@@ -286,7 +286,8 @@ def test_chain_with_the_factored_head_keeps_it_frozen(tmp_path):
 
 def test_a_chain_keeps_its_where_and_caption_turns(chain_dir):
     # Started without them, a run directory refuses to resume with them (its chats were written without).
-    for kw, what in (({"where_turns": True}, "where turns"), ({"caption_turns": True}, "caption turns")):
+    for kw, what in (({"where_turns": True}, "where turns"), ({"caption_turns": True}, "caption turns"),
+                     ({"where_stage": True}, "the where stage")):
         with pytest.raises(ValueError, match=f"started without {what}"):
             run_chain(chain_dir, fast=True, **kw)
 
@@ -298,6 +299,20 @@ def test_chain_with_where_and_caption_turns_trains_on_longer_rows(tmp_path):
     rows = {s: json.loads((tmp_path / s / "recipe.json").read_text())["train"]["max_len"] for s in ("stage2", "stage3")}
     assert rows == {"stage2": 192, "stage3": 256}  # only stage III reads the chats
     assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_chain_with_the_where_stage_runs_it_between_stages_two_and_three(tmp_path):
+    run_chain(tmp_path, fast=True, where_stage=True)
+    chats = (tmp_path / "data" / "where_chat.jsonl").read_text().splitlines()
+    assert chats and all("Where is the" in line for line in chats)
+    recipes = {s: json.loads((tmp_path / s / "recipe.json").read_text()) for s in ("where", "stage3")}
+    assert recipes["where"]["model"]["checkpoint"] == str(tmp_path / "stage2" / "final")
+    assert recipes["stage3"]["model"]["checkpoint"] == str(tmp_path / "where" / "final")
+    assert [s["name"] for s in recipes["where"]["data"]["sources"]] == ["where_chat"]
+    assert "where" in json.loads((tmp_path / "timings.json").read_text())
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="started with the where stage"):
+        run_chain(tmp_path, fast=True)
 
 
 def test_chain_with_position_reasons_trains_on_reasoned_answers(tmp_path):

@@ -201,6 +201,31 @@ def test_where_and_caption_turns_touch_only_the_chats(tmp_path):
             assert [cell_of(*o.center) for o in found if (o.color, o.shape) == (color, shape)] == [(r, c)], q
 
 
+def test_where_chats_ask_every_named_object_once_and_change_nothing_else(tmp_path):
+    """The where stage's data: one chat per scene of two or more objects, asking where each nameable object is, in
+    some order, with the true cells; every other manifest and image is byte for byte the plain world's."""
+    from januskit.data.world import Scene, _named
+
+    build_dataset(tmp_path / "plain", 40, 3, n_eval=12)
+    build_dataset(tmp_path / "where", 40, 3, n_eval=12, where_chats=True)
+    for f in sorted((tmp_path / "plain").rglob("*")):
+        if f.is_file() and f.name != "summary.json":
+            assert f.read_bytes() == (tmp_path / "where" / f.relative_to(tmp_path / "plain")).read_bytes(), f.name
+    assert not (tmp_path / "plain" / "where_chat.jsonl").exists()
+    chats = _read(tmp_path / "where" / "where_chat.jsonl")
+    scenes = [r["scene"] for r in _read(tmp_path / "plain" / "caption.jsonl")]
+    assert len(chats) == sum(len(s["objects"]) >= 2 and bool(_named(Scene.from_dict(s).objects)) for s in scenes) > 10
+    orders = set()
+    for rec in chats:
+        scene = Scene.from_dict(rec["scene"])
+        asked = [(u["content"].split("\n")[-1], a["content"]) for u, a in zip(rec["messages"][::2], rec["messages"][1::2])]
+        want = [(q["question"], q["answer"]) for q in where_questions(scene)]
+        assert sorted(asked) == sorted(want) and len(scene.objects) >= 2
+        assert rec["messages"][0]["content"].startswith("<image_placeholder>\n") and rec["messages"][0]["images"]
+        orders.add(asked == want)
+    assert orders == {True, False}  # shuffled, not always in the scene's order
+
+
 def test_places_and_captions_scoring(tmp_path):
     """The eval's where and caption measures: right answers score 1, a wrong column or a dropped sentence counts
     against the model (checked with a stand-in model that answers from the ground truth, edited)."""

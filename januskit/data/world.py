@@ -358,7 +358,7 @@ class _Writer:
 
 def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT, n_eval: int = 300,
                   relation_pairs: bool = False, position_reasons: bool = False, where_turns: bool = False,
-                  caption_turns: bool = False) -> dict:
+                  caption_turns: bool = False, where_chats: bool = False) -> dict:
     """Write every training manifest (about n records per kind) and the held-out evaluation sets.
 
     `caption_turns`: a quarter of the SFT chats about a scene also ask "Describe the image in detail." (without
@@ -366,6 +366,10 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
     without `caption_turns`) also ask where two of its nameable objects are (`where_questions`). Caption and where
     turns are never in one chat, which keeps every chat within 256 tokens. Both touch only chat.jsonl (their own
     random stream), so the images and every other manifest stay the same.
+
+    `where_chats`: also where_chat.jsonl, the data of the chain's where stage: for every scene of two or more
+    objects, one chat that asks where each of its nameable objects is (`where_questions`), in a random order of
+    their own stream; no other manifest changes.
 
     `position_reasons`: position questions are answered with the rows or columns first (`position_answer`), in
     training and in the evaluation set (which is scored on the final yes or no, `final_answer`).
@@ -399,9 +403,12 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
     srng = random.Random(seed * 7_919 + 23)  # single-object questions (their own stream: the rest stays the same)
     prng = random.Random(seed * 7_919 + 29)  # two-shape relation questions (likewise)
     crng = random.Random(seed * 7_919 + 31)  # which chats get a caption turn (likewise)
+    wrng = random.Random(seed * 7_919 + 7)  # the order of the where chats' questions (likewise)
     w = _Writer(out, size)
     rec: dict[str, list[dict]] = {k: [] for k in ("caption", "caption_qa", "vqa", "class_to_image", "text_to_image",
                                                   "interleaved", "text", "chat", "chat_image")}
+    if where_chats:
+        rec["where_chat"] = []
     train_prompts = set()
     for i in range(n):
         scene = random_scene(rng, held_out)
@@ -424,6 +431,9 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
             wq = where_questions(scene)
             chat_qs += crng.sample(wq, min(2, len(wq)))
         rec["chat"].append(_chat_record(img, chat_qs, random.Random(seed * 1_000_003 + i), sd))
+        where_qs = where_questions(scene)
+        if where_chats and len(scene.objects) >= 2 and where_qs:
+            rec["where_chat"].append(_chat_record(img, where_qs, wrng, sd))
         # generation: a GenEval-style prompt, a class name, and sometimes a full caption as the prompt
         spec = random_spec(rng, CATEGORIES[i % len(CATEGORIES)], held_out)
         while spec_text(spec) in reserved:

@@ -34,6 +34,7 @@ class ChainSize:
     siglip_steps: int = 500
     llm_steps: int = 500
     stage_steps: tuple[int, int, int] = (150, 400, 400)
+    where_steps: int = 300  # the where stage between II and III (`where_stage`)
     global_batch: int = 64
     vq_lr: float = 1e-3
     vq_ae_warmup: float = 0.6
@@ -47,9 +48,9 @@ class ChainSize:
 # 0.87 -> 0.94 (POPE F1 0.76 -> 0.93, held-out pair 0.69 -> 0.80) with generation unchanged (0.93 with the guidance
 # cutoff); stage II gave up 1500 steps to pay for part of it (about 8 of the chain's minutes).
 FULL = ChainSize(scenes=30000, vq_steps=3000, siglip_steps=300, llm_steps=200, stage_steps=(300, 2500, 5000),
-                 global_batch=32, vq_ae_warmup=0.75)
+                 global_batch=32, vq_ae_warmup=0.75, where_steps=1500)
 FAST = ChainSize(scenes=40, vq_steps=6, siglip_steps=4, llm_steps=4, stage_steps=(2, 2, 2), global_batch=8,
-                 vq_images=32, vq_merge_steps=2)
+                 vq_images=32, vq_merge_steps=2, where_steps=2)
 
 # The exported model's guidance cutoff (generation.json, `sampling.cfg_merge`). The conditional model of this
 # world is nearly certain of each code, and w = 5 over every code lost to w = 1 (0.80 against 0.89): where the
@@ -79,7 +80,7 @@ def _step(out: Path, name: str, timings: dict):
 
 def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | None = None,
               factored_head: bool = False, position_reasons: bool = False, image_pos_embed: bool = False,
-              where_turns: bool = False, caption_turns: bool = False) -> Path:
+              where_turns: bool = False, caption_turns: bool = False, where_stage: bool = False) -> Path:
     """Run (or resume) the chain; returns the exported model directory.
 
     `factored_head`: the image head's last layer scores a code as the sum of its shape, colour and size
@@ -89,6 +90,9 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     `position_reasons`: the data answers position questions with the two rows or columns before the yes or no
     (`world.position_answer`); likewise kept by an OUT, as are `where_turns` (SFT chats also ask where each object
     is, `world.where_questions`) and `caption_turns` (a quarter of the SFT chats also ask for a detailed caption).
+
+    `where_stage`: between stages II and III, a stage of chats that ask only where each named object is
+    (recipe shapes-where, data where_chat.jsonl, OUT/where); likewise kept by an OUT.
 
     `image_pos_embed`: the model adds a learned table of patch positions to the understanding features after the
     aligner (`JanusConfig.image_pos_embed`, a januskit extension), seeded with 2-D sine-cosine codes of unit norm;
@@ -107,14 +111,15 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
 
     def data_step(d):
         info = build_dataset(d, size.scenes, seed, n_eval=60 if fast else 300, position_reasons=position_reasons,
-                             where_turns=where_turns, caption_turns=caption_turns)
+                             where_turns=where_turns, caption_turns=caption_turns, where_chats=where_stage)
         return {**info, "position_reasons": position_reasons, "where_turns": where_turns,
-                "caption_turns": caption_turns}
+                "caption_turns": caption_turns, "where_stage": where_stage}
 
     data = _step(out, "data", timings)(data_step)
     _kept_choice(out, data, "position_reasons", position_reasons, "position reasons")
     _kept_choice(out, data, "where_turns", where_turns, "where turns")
     _kept_choice(out, data, "caption_turns", caption_turns, "caption turns")
+    _kept_choice(out, data, "where_stage", where_stage, "the where stage")
     tokdir = _step(out, "tokenizer", timings)(
         lambda d: tok_mod.train_tokenizer(data).save_pretrained(d) or {})
     proc = JanusProcessor.from_pretrained(tokdir)
@@ -225,9 +230,13 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     previous = stage0
     # Chats with caption or where turns reach ~220 tokens, past the recipe's 192-token rows (plain chats ~150).
     longer = ["train.max_len=256"] if where_turns or caption_turns else []
+    frozen = [FACTORED_HEAD] if factored_head else []
     for stage, steps in zip((1, 2, 3), size.stage_steps):
-        previous = _run_stage(out, stage, steps, previous, data, codes, size, timings,
-                              frozen=[FACTORED_HEAD] if factored_head else [], extra=longer if stage == 3 else [])
+        if stage == 3 and where_stage:
+            previous = _run_stage(out, "where", "shapes-where", size.where_steps, previous, data, codes, size,
+                                  timings, frozen=frozen)
+        previous = _run_stage(out, f"stage{stage}", f"shapes-stage{stage}", steps, previous, data, codes, size,
+                              timings, frozen=frozen, extra=longer if stage == 3 else [])
     final = out / "model"
     if not (final / "config.json").exists():
         shutil.copytree(previous, final, dirs_exist_ok=True)
@@ -276,28 +285,29 @@ def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _run_stage(out: Path, stage: int, steps: int, start: Path, data: Path, codes: Path, size: ChainSize,
-               timings: dict, frozen: list[str] = (), extra: list[str] = ()) -> Path:
+def _run_stage(out: Path, name: str, recipe_name: str, steps: int, start: Path, data: Path, codes: Path,
+               size: ChainSize, timings: dict, frozen: list[str] = (), extra: list[str] = ()) -> Path:
+    """Train `recipe_name` from `start` for `steps` into OUT/name (the recipe's data read from the chain's world);
+    a finished one is skipped, an interrupted one resumes."""
     from ..train import checkpoint
     from ..train.recipe import load_recipe
 
-    name = f"stage{stage}"
     run_dir = out / name
     final = run_dir / "final"
     if (final / "config.json").exists():
         return final
-    recipe = load_recipe(f"shapes-stage{stage}", [])
+    recipe = load_recipe(recipe_name, [])
     overrides = [f"model.checkpoint={start}", f"output_dir={run_dir}", f"train.steps={steps}",
                  f"train.global_batch={size.global_batch}", f"data.codes={codes}"]
     overrides += [f"data.sources.{s['name']}.path={data / Path(s['path']).name}" for s in recipe.data.sources]
     if frozen:
         overrides.append(f"train.frozen={json.dumps(list(recipe.train.frozen) + list(frozen))}")
     overrides += extra
-    load_recipe(f"shapes-stage{stage}", overrides)  # a bad override fails here, before a process starts
+    load_recipe(recipe_name, overrides)  # a bad override fails here, before a process starts
     t = time.time()
     # An interrupted stage resumes from its newest checkpoint (written under run_dir/checkpoints/).
     resume = "latest" if checkpoint.latest_checkpoint(run_dir) is not None else None
-    _train_in_own_process(f"shapes-stage{stage}", overrides, resume)
+    _train_in_own_process(recipe_name, overrides, resume)
     timings[name] = round(time.time() - t, 1)
     return final
 

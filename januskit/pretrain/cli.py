@@ -23,6 +23,8 @@ def add_cli(sub) -> None:
                    help="SFT chats (those without a caption turn) also ask where two objects are (row and column)")
     p.add_argument("--caption-turns", action="store_true",
                    help="a quarter of the SFT chats also ask for a detailed caption")
+    p.add_argument("--where-stage", action="store_true",
+                   help="a stage of where-only chats (row and column of each named object) between stages II and III")
     p.set_defaults(func=run)
 
 
@@ -32,7 +34,7 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model = run_chain(args.out, seed=args.seed, fast=args.fast, factored_head=args.factored_head,
                       position_reasons=args.position_reasons, image_pos_embed=args.image_pos_embed,
-                      where_turns=args.where_turns, caption_turns=args.caption_turns)
+                      where_turns=args.where_turns, caption_turns=args.caption_turns, where_stage=args.where_stage)
     print(model)
     if args.install:
         print(install_default(model))
