@@ -92,7 +92,7 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     is, `world.where_questions`) and `caption_turns` (a quarter of the SFT chats also ask for a detailed caption).
 
     `where_stage`: between stages II and III, a stage of chats that ask only where each named object is
-    (recipe shapes-where, data where_chat.jsonl, OUT/where); likewise kept by an OUT.
+    (recipe shapes-where-stage3, data where_chat.jsonl, OUT/where); likewise kept by an OUT.
 
     `image_pos_embed`: the model adds a learned table of patch positions to the understanding features after the
     aligner (`JanusConfig.image_pos_embed`, a januskit extension), seeded with 2-D sine-cosine codes of unit norm;
@@ -233,7 +233,7 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     frozen = [FACTORED_HEAD] if factored_head else []
     for stage, steps in zip((1, 2, 3), size.stage_steps):
         if stage == 3 and where_stage:
-            previous = _run_stage(out, "where", "shapes-where", size.where_steps, previous, data, codes, size,
+            previous = _run_stage(out, "where", "shapes-where-stage3", size.where_steps, previous, data, codes, size,
                                   timings, frozen=frozen)
         previous = _run_stage(out, f"stage{stage}", f"shapes-stage{stage}", steps, previous, data, codes, size,
                               timings, frozen=frozen, extra=longer if stage == 3 else [])
