@@ -425,13 +425,12 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
         # own stream, so the rest of the data does not depend on it), each answer a loss target. Several answers per
         # image make a step's understanding samples carry several times the supervision for a few more tokens.
         chat_qs = list(qs)
+        where_qs = where_questions(scene)
         if caption_turns and crng.random() < 0.25:
             chat_qs.append({"question": CAPTION_QUESTION, "answer": cap, "qtype": "caption"})
         elif where_turns:
-            wq = where_questions(scene)
-            chat_qs += crng.sample(wq, min(2, len(wq)))
+            chat_qs += crng.sample(where_qs, min(2, len(where_qs)))
         rec["chat"].append(_chat_record(img, chat_qs, random.Random(seed * 1_000_003 + i), sd))
-        where_qs = where_questions(scene)
         if where_chats and len(scene.objects) >= 2 and where_qs:
             rec["where_chat"].append(_chat_record(img, where_qs, wrng, sd))
         # generation: a GenEval-style prompt, a class name, and sometimes a full caption as the prompt
