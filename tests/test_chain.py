@@ -89,7 +89,7 @@ def test_component_losses_fall():
 
 
 def test_eval_report(chain_dir, tmp_path):
-    from januskit.eval.bench import run_eval
+    from januskit.eval.bench import markdown, run_eval
 
     janus = Janus.from_pretrained(chain_dir / "model")
     r = run_eval(janus, chain_dir / "data", tmp_path, n=1, max_prompts=12, max_questions=20)
@@ -103,6 +103,10 @@ def test_eval_report(chain_dir, tmp_path):
     assert "POPE" in report and "Without the cutoff" in report and (tmp_path / "samples.png").exists()
     pc = r["places_and_captions"]
     assert pc["where"]["questions"] > 0 and pc["caption"]["images"] > 0 and "Where is the" in report
+    # A model that gives reasons gets their breakdown in the report (this one answers bare, so none).
+    assert "given with their reason" not in report
+    r["understanding"]["seen"]["reasons"] = {"answers": 7, "places_right": 0.5, "follows": 1.0}
+    assert "(seen): 7; both rows or columns named right in 0.50 of them" in markdown(r)
 
 
 def test_chain_records_the_component_gates(chain_dir):

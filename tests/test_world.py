@@ -260,3 +260,36 @@ def test_places_and_captions_scoring(tmp_path):
     off = places_and_captions(Truth(lambda a: a.replace("column", "column 9") if " row " in a else a.rsplit(" ", 3)[0]),
                               records, tmp_path)
     assert off["where"]["all"] == 0.0 and off["caption"]["exact"] == 0.0 and 0.0 < off["caption"]["sentences"] < 1.0
+
+
+def test_reason_check_separates_finding_the_places_from_comparing_them():
+    """A position answer with its reason is taken apart: are both rows or columns the true ones, and does the yes or
+    no follow from the two named (whatever they are)."""
+    import re
+
+    from januskit.data.world import Scene, position_answer
+    from januskit.eval.bench import reason_check
+
+    rng, seen = random.Random(6), 0
+    for _ in range(300):
+        scene = random_scene(rng, n=rng.choice((2, 3, 4)))
+        for q in questions(scene, rng):
+            rec = {**q, "scene": scene.to_dict()}
+            if q["qtype"] != "position":
+                assert reason_check(rec, " 2") is None
+                continue
+            seen += 1
+            m = re.fullmatch(r"Is the (\w+) (\w+) (.+) the (\w+) (\w+)\?", q["question"])
+            objs = Scene.from_dict(rec["scene"]).objects
+            a, b = (next(o for o in objs if (o.color, o.shape) == k) for k in ((m[1], m[2]), (m[4], m[5])))
+            truth = position_answer(a, m[3], b)
+            x, y = re.findall(r"(?:row|column) (\d)", truth)
+            flip = {"yes.": "no.", "no.": "yes."}
+            swapped = re.sub(r"(row|column) \d", "\\1 #", truth).replace("#", y, 1).replace("#", x, 1)
+            flipped = truth.rsplit(" ", 1)[0] + " " + flip[truth.rsplit(" ", 1)[1]]
+            assert final_answer(truth) == q["answer"] and reason_check(rec, " " + truth) == (True, True)
+            assert reason_check(rec, flipped) == (True, False)
+            assert reason_check(rec, swapped) == (False, False)  # the places of the other object, the true verdict
+            assert reason_check(rec, swapped.rsplit(" ", 1)[0] + " " + flip[truth.rsplit(" ", 1)[1]]) == (False, True)
+            assert reason_check(rec, q["answer"]) is None  # a bare yes or no has no reason to check
+    assert seen > 50

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..data.world import CAPTION_QUESTION, CATEGORIES, Scene, caption, final_answer, scene_for_spec, where_questions
+from ..data.world import CAPTION_QUESTION, CATEGORIES, RELATIONS, Scene, caption, final_answer, position_answer, \
+    scene_for_spec, where_questions
 from ..vq import to_uint8
 from .shapescore import check_prompt, detect
 
@@ -75,16 +76,37 @@ def _ask(janus, asks: list[tuple[str, str]], data_dir: Path, max_new_tokens: int
     return replies
 
 
+_POSITION = re.compile(r"Is the (\w+) (\w+) (" + "|".join(RELATIONS) + r") the (\w+) (\w+)\?")
+_PLACE = re.compile(r"(?:row|column) (\d+)")
+
+
+def reason_check(record: dict, reply: str) -> tuple[bool, bool] | None:
+    """A position answer given with its reason ("The red circle is in row 1 and the blue square is in row 3, so
+    yes."), taken apart: (both rows or columns named right, the yes or no follows from the two named). Separates
+    finding where each named object is from comparing the two places. None for other questions and replies."""
+    m = _POSITION.fullmatch(record["question"])
+    named = _PLACE.findall(reply)
+    if record["qtype"] != "position" or not m or ", so " not in reply or len(named) != 2:
+        return None
+    ca, sa, rel, cb, sb = m.groups()
+    objs = Scene.from_dict(record["scene"]).objects
+    a, b = (next(o for o in objs if (o.color, o.shape) == name) for name in ((ca, sa), (cb, sb)))
+    x, y = map(int, named)
+    follows = x < y if rel in ("above", "to the left of") else x > y  # rows count down, columns right
+    return named == _PLACE.findall(position_answer(a, rel, b)), (final_answer(reply) == "yes") == follows
+
+
 def understanding(janus, records: list[dict], data_dir: Path, batch: int = 16) -> dict:
     replies = _ask(janus, [(r["image"], r["question"]) for r in records], data_dir, max_new_tokens=40, batch=batch)
     # Reasoned answers ("The red circle is in row 1 and ..., so yes.") are scored on their final yes or no.
-    rows = [(r, final_answer(text)) for r, text in zip(records, replies)]
+    rows = [(r, final_answer(text), reason_check(r, text)) for r, text in zip(records, replies)]
 
     def block(sel):
         by = defaultdict(list)
-        for r, a in sel:
+        for r, a, _ in sel:
             by[r["qtype"]].append(a == final_answer(r["answer"]))
-        exist = [(final_answer(r["answer"]), a) for r, a in sel if r["qtype"] == "exist"]
+        exist = [(final_answer(r["answer"]), a) for r, a, _ in sel if r["qtype"] == "exist"]
+        reasons = [c for _, _, c in sel if c is not None]
         tp = sum(g == "yes" and a == "yes" for g, a in exist)
         fp = sum(g == "no" and a == "yes" for g, a in exist)
         fn = sum(g == "yes" and a != "yes" for g, a in exist)
@@ -92,7 +114,9 @@ def understanding(janus, records: list[dict], data_dir: Path, batch: int = 16) -
         return {"accuracy": _mean(ok for v in by.values() for ok in v), "per_type": {k: _mean(v) for k, v in by.items()},
                 "pope": {"accuracy": _mean(g == a for g, a in exist), "precision": prec, "recall": rec,
                          "f1": 2 * prec * rec / max(prec + rec, 1e-9), "yes_ratio": _mean(a == "yes" for _, a in exist)},
-                "questions": len(sel)}
+                "questions": len(sel),
+                "reasons": {"answers": len(reasons), "places_right": _mean(p for p, _ in reasons),
+                            "follows": _mean(f for _, f in reasons)} if reasons else None}
 
     return {"seen": block([x for x in rows if not x[0]["held_out"]]),
             "held_out": block([x for x in rows if x[0]["held_out"]]), "all": block(rows)}
@@ -207,6 +231,11 @@ def markdown(r: dict) -> str:
         lines.append(f"| {split} | {b['accuracy']:.3f} | " + " | ".join(
             f"{pt[k]:.2f}" if k in pt else "-" for k in ("count", "color", "shape", "position", "exist"))
             + f" | {b['pope']['accuracy']:.3f} | {b['pope']['f1']:.3f} | {b['pope']['yes_ratio']:.2f} |")
+    why = u["seen"].get("reasons")
+    if why:
+        lines += ["", f"Position answers given with their reason (seen): {why['answers']}; both rows or columns named "
+                  f"right in {why['places_right']:.2f} of them, the yes or no follows from the two named in "
+                  f"{why['follows']:.2f}."]
     pc = r.get("places_and_captions")
     if pc:
         w, c = pc["where"], pc["caption"]
