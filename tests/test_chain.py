@@ -51,9 +51,13 @@ def test_interrupted_stage_resumes_from_its_checkpoint(chain_dir):
     shutil.rmtree(chain_dir / "stage3" / "final")
     shutil.rmtree(chain_dir / "model")
     steps_logged = (chain_dir / "stage3" / "metrics.jsonl").read_text().count('"step"')
+    before = json.loads((chain_dir / "timings.json").read_text())
     run_chain(chain_dir, fast=True)
     assert (chain_dir / "model" / "model.safetensors").exists()
     assert (chain_dir / "stage3" / "metrics.jsonl").read_text().count('"step"') == steps_logged  # nothing retrained
+    # The resumed call times only what it ran; the earlier steps' times stay in timings.json.
+    after = json.loads((chain_dir / "timings.json").read_text())
+    assert {k: v for k, v in after.items() if k != "stage3"} == {k: v for k, v in before.items() if k != "stage3"}
 
 
 def test_a_failing_stage_names_itself(tmp_path):

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from ..config import preset
 from ..data.world import GRID, build_dataset, random_scene
 from ..processor import JanusProcessor
-from ..weights import build_on_meta, init_weights, load_into
+from ..weights import build_on_meta, init_weights, load_into, write_json
 from .cells import cell_labels
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,25 @@ FAST = ChainSize(scenes=40, vq_steps=6, siglip_steps=4, llm_steps=4, stage_steps
 # unconditional row is confident, guidance boosts codes the prompt leaves at ~1e-3 above the right one. Guiding
 # only among codes within 10x of the conditional top code: w = 5 0.93 against w = 1 0.89 (0.92 / 0.90, seed-7 world).
 SHAPES_CFG_CUTOFF = 0.1
+
+
+class _Timings(dict):
+    """Seconds per chain step, written to OUT/timings.json as each step ends: a resumed chain keeps the times of the
+    steps an earlier call ran (a step skipped now is not timed again; a stage resumed from a checkpoint records the
+    resumed part)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            earlier = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            log.warning("chain: %s is unreadable; earlier step times are lost", path)
+            earlier = {}
+        super().__init__(earlier if isinstance(earlier, dict) else {})
+
+    def __setitem__(self, name: str, seconds: float) -> None:
+        super().__setitem__(name, seconds)
+        write_json(self.path, dict(self))
 
 
 def _step(out: Path, name: str, timings: dict):
@@ -106,7 +125,7 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     size = size or (FAST if fast else FULL)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    timings = _Timings(out / "timings.json")
     torch.manual_seed(seed)
 
     def data_step(d):
@@ -241,7 +260,6 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     if not (final / "config.json").exists():
         shutil.copytree(previous, final, dirs_exist_ok=True)
     GenerationDefaults(cfg_cutoff=SHAPES_CFG_CUTOFF).write(final)
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
     return final
 
 
