@@ -125,7 +125,10 @@ class CodeCache:
         if hit is None:
             if key in self._broken:
                 raise BrokenRecord("bad image", f"{key}: {self._broken[key]} (when the cache was made)")
-            raise BrokenRecord("no codes", f"{path} is not in the code cache {self.directory}")
+            roots = " or ".join(str(r) for r in self.roots)
+            raise BrokenRecord("no codes", f"{path} is not in the code cache {self.directory} (looked up relative to "
+                               f"{roots}; for images added since, or data copied elsewhere without its cache, run "
+                               "`januskit prepare-codes` again)")
         shard, row = hit
         return torch.from_numpy(self._shards[shard][row].astype(np.int64))
 
