@@ -302,7 +302,7 @@ def test_code_cache_round_trip(processor, config, vq, images, tmp_path):
     assert e.value.reason == "bad image"
     with pytest.raises(BrokenRecord, match="looked up relative to") as e:
         cache.codes_for(ImageRef(images / "a.png"))
-    assert e.value.reason == "no codes" and str(images) in str(e.value)
+    assert e.value.reason == "no codes" and str(images.resolve()) in str(e.value)  # the recorded root
     # a dataset reached through a symlink has the same keys
     (tmp_path / "linked").symlink_to(images, target_is_directory=True)
     assert torch.equal(cache.codes_for(ImageRef(tmp_path / "linked" / "sub/b.png")),
