@@ -69,9 +69,11 @@ class _Timings(dict):
         try:
             earlier = json.loads(path.read_text()) if path.exists() else {}
         except ValueError:
+            earlier = None
+        if not isinstance(earlier, dict):  # not JSON, or JSON but not an object of step times
             log.warning("chain: %s is unreadable; earlier step times are lost", path)
             earlier = {}
-        super().__init__(earlier if isinstance(earlier, dict) else {})
+        super().__init__(earlier)
 
     def __setitem__(self, name: str, seconds: float) -> None:
         super().__setitem__(name, seconds)
