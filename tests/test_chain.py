@@ -295,7 +295,7 @@ def test_chain_with_the_factored_head_keeps_it_frozen(tmp_path):
 def test_a_chain_keeps_its_where_and_caption_turns(chain_dir):
     # Started without them, a run directory refuses to resume with them (its chats were written without).
     for kw, what in (({"where_turns": True}, "where turns"), ({"caption_turns": True}, "caption turns"),
-                     ({"where_stage": True}, "the where stage")):
+                     ({"where_stage": True}, "the where stage"), ({"position_scan": True}, "scanned position answers")):
         with pytest.raises(ValueError, match=f"started without {what}"):
             run_chain(chain_dir, fast=True, **kw)
 
@@ -352,3 +352,18 @@ def test_chain_with_the_image_position_table_trains_it_from_stage_one(tmp_path):
     assert janus.config.image_pos_embed
     with pytest.raises(ValueError, match="image position table"):
         run_chain(tmp_path, fast=True)
+
+
+def test_chain_with_position_scan_runs_the_scan_stage_after_the_where_stage(tmp_path):
+    run_chain(tmp_path, fast=True, where_stage=True, position_scan=True)
+    chats = (tmp_path / "data" / "scan_chat.jsonl").read_text().splitlines()
+    assert chats and any("List the shapes." in line for line in chats)
+    recipes = {s: json.loads((tmp_path / s / "recipe.json").read_text()) for s in ("where", "scan", "stage3")}
+    assert recipes["scan"]["model"]["checkpoint"] == str(tmp_path / "where" / "final")
+    assert recipes["stage3"]["model"]["checkpoint"] == str(tmp_path / "scan" / "final")
+    assert [s["name"] for s in recipes["scan"]["data"]["sources"]] == ["scan_chat"]
+    assert recipes["scan"]["train"]["max_len"] == recipes["stage3"]["train"]["max_len"] == 256
+    assert "scan" in json.loads((tmp_path / "timings.json").read_text())
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="started with scanned position answers"):
+        run_chain(tmp_path, fast=True, where_stage=True)

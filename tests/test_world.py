@@ -2,12 +2,15 @@
 
 import json
 import random
+import re
 
 import numpy as np
+import pytest
 from PIL import ImageFilter
 
-from januskit.data.world import CATEGORIES, HELD_OUT, build_dataset, caption, cell_of, final_answer, questions, random_scene, \
-    relation_questions, random_spec, scene_for_spec, spec_text, where_questions
+from januskit.data.world import CATEGORIES, HELD_OUT, LIST_QUESTION, build_dataset, caption, cell_of, final_answer, \
+    questions, random_scene, relation_questions, random_spec, scan_answer, scan_questions, scene_for_spec, spec_text, \
+    where_questions
 from januskit.eval.shapescore import answer, check_prompt, detect
 
 
@@ -265,8 +268,6 @@ def test_places_and_captions_scoring(tmp_path):
 def test_reason_check_separates_finding_the_places_from_comparing_them():
     """A position answer with its reason is taken apart: are both rows or columns the true ones, and does the yes or
     no follow from the two named (whatever they are)."""
-    import re
-
     from januskit.data.world import Scene, position_answer
     from januskit.eval.bench import reason_check
 
@@ -292,4 +293,47 @@ def test_reason_check_separates_finding_the_places_from_comparing_them():
             assert reason_check(rec, swapped) == (False, False)  # the places of the other object, the true verdict
             assert reason_check(rec, swapped.rsplit(" ", 1)[0] + " " + flip[truth.rsplit(" ", 1)[1]]) == (False, True)
             assert reason_check(rec, q["answer"]) is None  # a bare yes or no has no reason to check
+            scan = scan_answer(scene)
+            assert reason_check(rec, f" {scan} {truth}") == (True, True)  # a scanned answer: its last sentence
+            assert reason_check(rec, f"{scan} {flipped}") == (True, False)
     assert seen > 50
+
+
+def test_scan_answers_read_the_scene_in_order_and_end_in_the_true_verdict(tmp_path):
+    """The scan: every object's cell (as the scorer finds it in the render) in reading order; scanned position answers
+    are that scan, then the two rows or columns and the verdict; the option adds scan_chat.jsonl (list and position
+    chats, every scene of two or more objects) and changes the position answers of the chats and the evaluation set,
+    nothing else."""
+    rng = random.Random(8)
+    for _ in range(150):
+        scene = random_scene(rng, n=rng.choice((1, 2, 3, 4)))
+        found = sorted(cell_of(*o.center) + (o.color, o.shape) for o in detect(scene.render(64)))
+        said = [(int(r) - 1, int(c) - 1, col, shape) for col, shape, r, c in
+                re.findall(r"The (\w+) (\w+) is in row (\d) and column (\d)\.", scan_answer(scene))]
+        assert said == found, scene  # reading order: by row, then column
+        for q in scan_questions(scene, rng):
+            assert q["answer"].startswith(scan_answer(scene))
+            if q["qtype"] == "position":
+                assert final_answer(q["answer"]) == answer(q["question"], detect(scene.render(64))), q
+    assert scan_questions(random_scene(random.Random(1), n=1), rng) == []
+    with pytest.raises(ValueError, match="either reasoned or scanned"):
+        questions(random_scene(rng, n=2), rng, reasons=True, scan=True)
+
+    build_dataset(tmp_path / "plain", 40, 3, n_eval=12)
+    build_dataset(tmp_path / "scan", 40, 3, n_eval=12, position_scan=True)
+    for f in sorted((tmp_path / "plain").rglob("*")):
+        if f.is_file() and f.name not in ("summary.json", "vqa.jsonl", "chat.jsonl", "eval_vqa.jsonl"):
+            assert f.read_bytes() == (tmp_path / "scan" / f.relative_to(tmp_path / "plain")).read_bytes(), f.name
+    for name in ("vqa.jsonl", "eval_vqa.jsonl"):
+        plain, scanned = _read(tmp_path / "plain" / name), _read(tmp_path / "scan" / name)
+        assert [r["question"] for r in plain] == [r["question"] for r in scanned]
+        for p, s in zip(plain, scanned):
+            if p["qtype"] == "position":
+                assert s["answer"].startswith("The ") and final_answer(s["answer"]) == p["answer"]
+            else:
+                assert s == p
+    chats = _read(tmp_path / "scan" / "scan_chat.jsonl")
+    kinds = [c["messages"][0]["content"].split("\n")[1] == LIST_QUESTION for c in chats]
+    scenes = [r["scene"] for r in _read(tmp_path / "plain" / "chat.jsonl")]
+    assert sum(kinds) == sum(len(s["objects"]) >= 2 for s in scenes)
+    assert 0 < kinds.count(False) and all(len(c["messages"]) == 2 for c in chats)

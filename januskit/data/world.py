@@ -257,10 +257,30 @@ def final_answer(text: str) -> str:
     return t[cut + len(", so "):].strip() if cut >= 0 else t
 
 
+# "List the shapes.": every object's place in reading order (`scan_answer`), the chats of the scan stage.
+LIST_QUESTION = "List the shapes."
+
+
+def place_sentence(o: Obj) -> str:
+    """"The red circle is in row 2 and column 3." (grid cell, counted from 1 at the top / left)."""
+    r, c = cell_of(o.x, o.y)
+    return f"The {o.color} {o.shape} is in row {r + 1} and column {c + 1}."
+
+
+def scan_answer(scene: Scene) -> str:
+    """Every object's `place_sentence`, in reading order (by row, then column): the answer to `LIST_QUESTION`, and
+    the first part of a scanned position answer. Reading the scene in order is learnt far faster than looking a named
+    object up (README, the bundled model's findings)."""
+    return " ".join(place_sentence(o) for o in sorted(scene.objects, key=lambda o: (o.y, o.x)))
+
+
 def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_out=False,
-              reasons: bool = False) -> list[dict]:
+              reasons: bool = False, scan: bool = False) -> list[dict]:
     """Visual QA for a scene: count, colour, shape, position, existence (balanced yes/no). `reasons`: position
-    answers give the rows or columns before the yes or no (`position_answer`); else a bare yes or no."""
+    answers give the rows or columns before the yes or no (`position_answer`); `scan`: that, after the scene's
+    `scan_answer`; else a bare yes or no."""
+    if reasons and scan:
+        raise ValueError("position answers are either reasoned or scanned, not both")
     objs = scene.objects
     qs = [{"question": "How many shapes are there?", "answer": str(len(objs)), "qtype": "count"}]
     s = rng.choice(SHAPES)
@@ -281,6 +301,8 @@ def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_ou
         rel = rng.choice(RELATIONS)
         if relation_holds(a, rel, b) or relation_holds(b, rel, a):
             ans = position_answer(a, rel, b) if reasons else "yes" if relation_holds(a, rel, b) else "no"
+            if scan:
+                ans = f"{scan_answer(scene)} {position_answer(a, rel, b)}"
             qs.append({"question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?", "answer": ans,
                        "qtype": "position"})
     present = scene.combos()
@@ -305,11 +327,25 @@ def where_questions(scene: Scene) -> list[dict]:
     """"Where is the <colour> <shape>?" for every object the phrase picks out, answered with its grid cell ("The red
     circle is in row 2 and column 3.", counted from 1 at the top / left): the lookup from a named object to its
     place that position questions need, asked on its own."""
-    qs = []
-    for o in _named(scene.objects):
-        r, c = cell_of(o.x, o.y)
-        qs.append({"question": f"Where is the {o.color} {o.shape}?",
-                   "answer": f"The {o.color} {o.shape} is in row {r + 1} and column {c + 1}.", "qtype": "where"})
+    return [{"question": f"Where is the {o.color} {o.shape}?", "answer": place_sentence(o), "qtype": "where"}
+            for o in _named(scene.objects)]
+
+
+def scan_questions(scene: Scene, rng: random.Random, positions: int = 2) -> list[dict]:
+    """The scan stage's questions about a scene of two or more objects: `LIST_QUESTION`, and up to `positions`
+    position questions (two named objects in different rows for above / below, columns for left / right) answered
+    with the scan first: `scan_answer`, then `position_answer`, which names the two rows or columns (read back from
+    the scan) and gives the yes or no that follows from them."""
+    if len(scene.objects) < 2:
+        return []
+    qs = [{"question": LIST_QUESTION, "answer": scan_answer(scene), "qtype": "list"}]
+    named = _named(scene.objects)
+    for _ in range(positions if len(named) >= 2 else 0):
+        a, b = rng.sample(named, 2)
+        rel = rng.choice(RELATIONS)
+        if relation_holds(a, rel, b) or relation_holds(b, rel, a):
+            qs.append({"question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?",
+                       "answer": f"{scan_answer(scene)} {position_answer(a, rel, b)}", "qtype": "position"})
     return qs
 
 
@@ -358,7 +394,7 @@ class _Writer:
 
 def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT, n_eval: int = 300,
                   relation_pairs: bool = False, position_reasons: bool = False, where_turns: bool = False,
-                  caption_turns: bool = False, where_chats: bool = False) -> dict:
+                  caption_turns: bool = False, where_chats: bool = False, position_scan: bool = False) -> dict:
     """Write every training manifest (about n records per kind) and the held-out evaluation sets.
 
     `caption_turns`: a quarter of the SFT chats about a scene also ask "Describe the image in detail." (without
@@ -373,6 +409,11 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
 
     `position_reasons`: position questions are answered with the rows or columns first (`position_answer`), in
     training and in the evaluation set (which is scored on the final yes or no, `final_answer`).
+
+    `position_scan`: position questions are answered with every object's place in reading order first, then as with
+    `position_reasons` (`scan_questions`), in training and in the evaluation set; and scan_chat.jsonl, the data of
+    the chain's scan stage: for every scene of two or more objects, single-turn chats of `LIST_QUESTION` and of up
+    to two scanned position questions (their own random stream).
 
     `relation_pairs`: also two-shape scenes with position questions in contrasting pairs (off by default: the one
     full chain trained with them, 2026-12-02, left position at chance, 0.53, and lost elsewhere: understanding 0.85
@@ -404,11 +445,14 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
     prng = random.Random(seed * 7_919 + 29)  # two-shape relation questions (likewise)
     crng = random.Random(seed * 7_919 + 31)  # which chats get a caption turn (likewise)
     wrng = random.Random(seed * 7_919 + 7)  # the order of the where chats' questions (likewise)
+    scrng = random.Random(seed * 7_919 + 37)  # the scan chats' position questions (likewise)
     w = _Writer(out, size)
     rec: dict[str, list[dict]] = {k: [] for k in ("caption", "caption_qa", "vqa", "class_to_image", "text_to_image",
                                                   "interleaved", "text", "chat", "chat_image")}
     if where_chats:
         rec["where_chat"] = []
+    if position_scan:
+        rec["scan_chat"] = []
     train_prompts = set()
     for i in range(n):
         scene = random_scene(rng, held_out)
@@ -418,7 +462,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
         rec["caption"].append({"kind": "caption", "image": img, "text": cap, "scene": sd})
         rec["caption_qa"].append({"kind": "caption_qa", "image": img, "question": CAPTION_QUESTION,
                                   "answer": cap, "scene": sd})
-        qs = questions(scene, rng, held_out, reasons=position_reasons)
+        qs = questions(scene, rng, held_out, reasons=position_reasons, scan=position_scan)
         for q in qs:
             rec["vqa"].append({"kind": "vqa", "image": img, **q, "scene": sd})
         # SFT chats are multi-turn, as in LLaVA-style data: every question about the image, in a random order (its
@@ -433,6 +477,8 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
         rec["chat"].append(_chat_record(img, chat_qs, random.Random(seed * 1_000_003 + i), sd))
         if where_chats and len(scene.objects) >= 2 and where_qs:
             rec["where_chat"].append(_chat_record(img, where_qs, wrng, sd))
+        if position_scan:
+            rec["scan_chat"] += [_chat_record(img, [q], scrng, sd) for q in scan_questions(scene, scrng)]
         # generation: a GenEval-style prompt, a class name, and sometimes a full caption as the prompt
         spec = random_spec(rng, CATEGORIES[i % len(CATEGORIES)], held_out)
         while spec_text(spec) in reserved:
@@ -491,7 +537,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
             scene.objects[0].color, scene.objects[0].shape = c, s
         img = w.image(scene)
         held = bool(scene.combos() & set(held_out))
-        for q in questions(scene, erng, held_out, allow_held_out=True, reasons=position_reasons):
+        for q in questions(scene, erng, held_out, allow_held_out=True, reasons=position_reasons, scan=position_scan):
             vqa.append({"image": img, **q, "held_out": held, "scene": scene.to_dict()})
     _write_jsonl(out / "eval_geneval.jsonl", geneval)
     _write_jsonl(out / "eval_vqa.jsonl", vqa)

@@ -85,6 +85,7 @@ def reason_check(record: dict, reply: str) -> tuple[bool, bool] | None:
     yes."), taken apart: (both rows or columns named right, the yes or no follows from the two named). Separates
     finding where each named object is from comparing the two places. None for other questions and replies."""
     m = _POSITION.fullmatch(record["question"])
+    reply = reply.strip().split(". ")[-1]  # a scanned answer (`world.scan_answer` first): its last sentence
     named = _PLACE.findall(reply)
     if record["qtype"] != "position" or not m or ", so " not in reply or len(named) != 2:
         return None
@@ -97,7 +98,9 @@ def reason_check(record: dict, reply: str) -> tuple[bool, bool] | None:
 
 
 def understanding(janus, records: list[dict], data_dir: Path, batch: int = 16) -> dict:
-    replies = _ask(janus, [(r["image"], r["question"]) for r in records], data_dir, max_new_tokens=40, batch=batch)
+    # Room for a scanned position answer (`world.scan_questions`: up to ~100 tokens about four shapes); answers stop at
+    # the end-of-sequence token, so short ones cost nothing more.
+    replies = _ask(janus, [(r["image"], r["question"]) for r in records], data_dir, max_new_tokens=128, batch=batch)
     # Reasoned answers ("The red circle is in row 1 and ..., so yes.") are scored on their final yes or no.
     rows = [(r, final_answer(text), reason_check(r, text)) for r, text in zip(records, replies)]
 

@@ -35,6 +35,7 @@ class ChainSize:
     llm_steps: int = 500
     stage_steps: tuple[int, int, int] = (150, 400, 400)
     where_steps: int = 300  # the where stage between II and III (`where_stage`)
+    scan_steps: int = 300  # the scan stage between II and III (`position_scan`)
     global_batch: int = 64
     vq_lr: float = 1e-3
     vq_ae_warmup: float = 0.6
@@ -48,9 +49,9 @@ class ChainSize:
 # 0.87 -> 0.94 (POPE F1 0.76 -> 0.93, held-out pair 0.69 -> 0.80) with generation unchanged (0.93 with the guidance
 # cutoff); stage II gave up 1500 steps to pay for part of it (about 8 of the chain's minutes).
 FULL = ChainSize(scenes=30000, vq_steps=3000, siglip_steps=300, llm_steps=200, stage_steps=(300, 2500, 5000),
-                 global_batch=32, vq_ae_warmup=0.75, where_steps=1500)
+                 global_batch=32, vq_ae_warmup=0.75, where_steps=1500, scan_steps=3000)
 FAST = ChainSize(scenes=40, vq_steps=6, siglip_steps=4, llm_steps=4, stage_steps=(2, 2, 2), global_batch=8,
-                 vq_images=32, vq_merge_steps=2, where_steps=2)
+                 vq_images=32, vq_merge_steps=2, where_steps=2, scan_steps=2)
 
 # The exported model's guidance cutoff (generation.json, `sampling.cfg_merge`). The conditional model of this
 # world is nearly certain of each code, and w = 5 over every code lost to w = 1 (0.80 against 0.89): where the
@@ -101,7 +102,8 @@ def _step(out: Path, name: str, timings: dict):
 
 def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | None = None,
               factored_head: bool = False, position_reasons: bool = False, image_pos_embed: bool = False,
-              where_turns: bool = False, caption_turns: bool = False, where_stage: bool = False) -> Path:
+              where_turns: bool = False, caption_turns: bool = False, where_stage: bool = False,
+              position_scan: bool = False) -> Path:
     """Run (or resume) the chain; returns the exported model directory.
 
     `factored_head`: the image head's last layer scores a code as the sum of its shape, colour and size
@@ -114,6 +116,11 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
 
     `where_stage`: between stages II and III, a stage of chats that ask only where each named object is
     (recipe shapes-where-stage3, data where_chat.jsonl, OUT/where); likewise kept by an OUT.
+
+    `position_scan`: position questions are answered with every object's place in reading order, then the two rows
+    or columns and the yes or no (`world.scan_questions`), and between stages II and III (after a where stage) a
+    stage of chats that list the shapes or answer a position question that way (recipe shapes-scan-stage3, data
+    scan_chat.jsonl, OUT/scan); likewise kept by an OUT.
 
     `image_pos_embed`: the model adds a learned table of patch positions to the understanding features after the
     aligner (`JanusConfig.image_pos_embed`, a januskit extension), seeded with 2-D sine-cosine codes of unit norm;
@@ -132,15 +139,17 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
 
     def data_step(d):
         info = build_dataset(d, size.scenes, seed, n_eval=60 if fast else 300, position_reasons=position_reasons,
-                             where_turns=where_turns, caption_turns=caption_turns, where_chats=where_stage)
+                             where_turns=where_turns, caption_turns=caption_turns, where_chats=where_stage,
+                             position_scan=position_scan)
         return {**info, "position_reasons": position_reasons, "where_turns": where_turns,
-                "caption_turns": caption_turns, "where_stage": where_stage}
+                "caption_turns": caption_turns, "where_stage": where_stage, "position_scan": position_scan}
 
     data = _step(out, "data", timings)(data_step)
     _kept_choice(out, data, "position_reasons", position_reasons, "position reasons")
     _kept_choice(out, data, "where_turns", where_turns, "where turns")
     _kept_choice(out, data, "caption_turns", caption_turns, "caption turns")
     _kept_choice(out, data, "where_stage", where_stage, "the where stage")
+    _kept_choice(out, data, "position_scan", position_scan, "scanned position answers")
     tokdir = _step(out, "tokenizer", timings)(
         lambda d: tok_mod.train_tokenizer(data).save_pretrained(d) or {})
     proc = JanusProcessor.from_pretrained(tokdir)
@@ -249,12 +258,16 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     codes = _step(out, "codes", timings)(codes_step)
 
     previous = stage0
-    # Chats with caption or where turns reach ~220 tokens, past the recipe's 192-token rows (plain chats ~150).
-    longer = ["train.max_len=256"] if where_turns or caption_turns else []
+    # Chats with caption or where turns, or a scanned position answer, reach ~220 tokens, past the recipe's 192-token
+    # rows (plain chats ~150).
+    longer = ["train.max_len=256"] if where_turns or caption_turns or position_scan else []
     frozen = [FACTORED_HEAD] if factored_head else []
     for stage, steps in zip((1, 2, 3), size.stage_steps):
         if stage == 3 and where_stage:
             previous = _run_stage(out, "where", "shapes-where-stage3", size.where_steps, previous, data, codes, size,
+                                  timings, frozen=frozen)
+        if stage == 3 and position_scan:
+            previous = _run_stage(out, "scan", "shapes-scan-stage3", size.scan_steps, previous, data, codes, size,
                                   timings, frozen=frozen)
         previous = _run_stage(out, f"stage{stage}", f"shapes-stage{stage}", steps, previous, data, codes, size,
                               timings, frozen=frozen, extra=longer if stage == 3 else [])

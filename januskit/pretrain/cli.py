@@ -25,6 +25,9 @@ def add_cli(sub) -> None:
                    help="a quarter of the SFT chats also ask for a detailed caption")
     p.add_argument("--where-stage", action="store_true",
                    help="a stage of where-only chats (row and column of each named object) between stages II and III")
+    p.add_argument("--position-scan", action="store_true",
+                   help="answer position questions by listing every shape's row and column in reading order first, "
+                        "with a scan stage (list and position chats) between stages II and III")
     p.set_defaults(func=run)
 
 
@@ -34,7 +37,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model = run_chain(args.out, seed=args.seed, fast=args.fast, factored_head=args.factored_head,
                       position_reasons=args.position_reasons, image_pos_embed=args.image_pos_embed,
-                      where_turns=args.where_turns, caption_turns=args.caption_turns, where_stage=args.where_stage)
+                      where_turns=args.where_turns, caption_turns=args.caption_turns, where_stage=args.where_stage,
+                      position_scan=args.position_scan)
     print(model)
     if args.install:
         print(install_default(model))
