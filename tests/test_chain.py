@@ -367,3 +367,6 @@ def test_chain_with_position_scan_runs_the_scan_stage_after_the_where_stage(tmp_
     assert (tmp_path / "model" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="started with scanned position answers"):
         run_chain(tmp_path, fast=True, where_stage=True)
+    with pytest.raises(ValueError, match="either reasoned .* or scanned"):
+        run_chain(tmp_path / "both", fast=True, position_reasons=True, position_scan=True)
+    assert not (tmp_path / "both").exists()

@@ -131,6 +131,9 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
     from . import tokenizer as tok_mod
     from . import vq as vq_mod
 
+    if position_reasons and position_scan:
+        raise ValueError("position answers are either reasoned (--position-reasons) or scanned (--position-scan), "
+                         "not both")
     size = size or (FAST if fast else FULL)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
