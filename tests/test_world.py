@@ -332,6 +332,17 @@ def test_scan_answers_read_the_scene_in_order_and_end_in_the_true_verdict(tmp_pa
                 assert s["answer"].startswith("The ") and final_answer(s["answer"]) == p["answer"]
             else:
                 assert s == p
+    scanned_turns = 0
+    for p, s in zip(_read(tmp_path / "plain" / "chat.jsonl"), _read(tmp_path / "scan" / "chat.jsonl")):
+        assert [m for m in p["messages"] if m["role"] == "user"] == [m for m in s["messages"] if m["role"] == "user"]
+        for k, (pm, sm) in enumerate(zip(p["messages"], s["messages"])):
+            asked = p["messages"][k - 1]["content"] if k else ""
+            if pm["role"] == "assistant" and re.search(r"Is the \w+ \w+ (above|below|to the \w+ of) the ", asked):
+                assert final_answer(sm["content"]) == pm["content"] and sm["content"].startswith("The ")
+                scanned_turns += 1
+            else:
+                assert pm == sm
+    assert scanned_turns > 5
     chats = _read(tmp_path / "scan" / "scan_chat.jsonl")
     kinds = [c["messages"][0]["content"].split("\n")[1] == LIST_QUESTION for c in chats]
     scenes = [r["scene"] for r in _read(tmp_path / "plain" / "chat.jsonl")]
