@@ -274,6 +274,23 @@ def scan_answer(scene: Scene) -> str:
     return " ".join(place_sentence(o) for o in sorted(scene.objects, key=lambda o: (o.y, o.x)))
 
 
+def scanned_position_answer(scene: Scene, a: Obj, rel: str, b: Obj) -> str:
+    """The scene's `scan_answer`, then `position_answer`: the two rows or columns read back and the yes or no."""
+    return f"{scan_answer(scene)} {position_answer(a, rel, b)}"
+
+
+def _draw_relation(named: list[Obj], rng: random.Random) -> tuple[Obj, str, Obj] | None:
+    """Two of the named objects and a relation, or None when it holds in neither order (no clear answer)."""
+    a, b = rng.sample(named, 2)
+    rel = rng.choice(RELATIONS)
+    return (a, rel, b) if relation_holds(a, rel, b) or relation_holds(b, rel, a) else None
+
+
+def _position_question(a: Obj, rel: str, b: Obj, answer: str) -> dict:
+    return {"question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?", "answer": answer,
+            "qtype": "position"}
+
+
 def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_out=False,
               reasons: bool = False, scan: bool = False) -> list[dict]:
     """Visual QA for a scene: count, colour, shape, position, existence (balanced yes/no). `reasons`: position
@@ -296,15 +313,15 @@ def questions(scene: Scene, rng: random.Random, held_out=HELD_OUT, allow_held_ou
         o = rng.choice(uniq_c)
         qs.append({"question": f"What shape is the {o.color} object?", "answer": o.shape, "qtype": "shape"})
     named = _named(objs)
-    if len(named) >= 2:
-        a, b = rng.sample(named, 2)
-        rel = rng.choice(RELATIONS)
-        if relation_holds(a, rel, b) or relation_holds(b, rel, a):
-            ans = position_answer(a, rel, b) if reasons else "yes" if relation_holds(a, rel, b) else "no"
-            if scan:
-                ans = f"{scan_answer(scene)} {position_answer(a, rel, b)}"
-            qs.append({"question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?", "answer": ans,
-                       "qtype": "position"})
+    if len(named) >= 2 and (drawn := _draw_relation(named, rng)):
+        a, rel, b = drawn
+        if scan:
+            ans = scanned_position_answer(scene, a, rel, b)
+        elif reasons:
+            ans = position_answer(a, rel, b)
+        else:
+            ans = "yes" if relation_holds(a, rel, b) else "no"
+        qs.append(_position_question(a, rel, b, ans))
     present = scene.combos()
     if rng.random() < 0.5:
         c, s = rng.choice(sorted(present))
@@ -342,11 +359,8 @@ def scan_questions(scene: Scene, rng: random.Random, positions: int = 4) -> list
     qs = [{"question": LIST_QUESTION, "answer": scan_answer(scene), "qtype": "list"}]
     named = _named(scene.objects)
     for _ in range(positions if len(named) >= 2 else 0):
-        a, b = rng.sample(named, 2)
-        rel = rng.choice(RELATIONS)
-        if relation_holds(a, rel, b) or relation_holds(b, rel, a):
-            qs.append({"question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?",
-                       "answer": f"{scan_answer(scene)} {position_answer(a, rel, b)}", "qtype": "position"})
+        if drawn := _draw_relation(named, rng):
+            qs.append(_position_question(*drawn, scanned_position_answer(scene, *drawn)))
     return qs
 
 
@@ -361,8 +375,7 @@ def relation_questions(scene: Scene, rng: random.Random, relations: int = 2) -> 
     qs = []
     for x, rel, y in rng.sample(holding, min(relations, len(holding))):
         for p, q, ans in ((x, y, "yes"), (y, x, "no")):
-            qs.append({"question": f"Is the {p.color} {p.shape} {rel} the {q.color} {q.shape}?", "answer": ans,
-                       "qtype": "position"})
+            qs.append(_position_question(p, rel, q, ans))
     return qs
 
 
