@@ -340,24 +340,43 @@ def test_decode_with_kernels_matches_the_fallback_path(monkeypatch):
 
 @pytest.mark.skipif(not kernels.available(), reason="the kernels need an AVX-512 BF16 CPU")
 def test_shipped_model_in_bf16_decides_the_same_with_and_without_kernels(monkeypatch):
-    # The conformance rule for an optimised path: greedy tokens equal to the plain path's, on a model with real
-    # margins (the bundled one), for images under CFG (several prompts batched) and for answers.
+    # The conformance rule for an optimised path: greedy tokens equal to the plain path's on the bundled model, for
+    # images under CFG (several prompts batched) and for answers. The one exception is a tie bf16 cannot resolve: an
+    # image row may part at a step where the plain path's two best guided logits lie within two bf16 steps of each
+    # other (the 2026-12-07 model has one: 20.98 against 21.01, fp32 21.011 against 20.995), and then only to the
+    # other of those two codes.
+    import januskit.generate as gen
     from januskit import Janus
 
     janus = Janus.from_pretrained(dtype=torch.bfloat16)
     prompts = ["a red circle above a blue square", "three green triangles", "a yellow square", "two purple circles"]
     convs = [[{"role": "user", "content": f"<image_placeholder>\n{q}", "images": [janus_example("four_shapes.png")]},
               {"role": "assistant", "content": ""}] for q in ("What color is the circle?", "How many shapes are there?")]
+    merge = gen.cfg_merge
 
     def decide():
+        guided = []
+        monkeypatch.setattr(gen, "cfg_merge", lambda *a: guided.append(merge(*a)) or guided[-1])
         codes = janus.generate_images(prompts, temperature=0, cfg_weight=5.0).tokens
-        return codes, [r.token_ids for r in janus.chat_batch(convs, max_new_tokens=4, temperature=0)]
+        answers = [r.token_ids for r in janus.chat_batch(convs, max_new_tokens=4, temperature=0)]
+        return codes, answers, torch.stack(guided, 1).float()  # guided: (rows, steps, codes)
 
     fast = decide()
     monkeypatch.setattr(kernels, "_module", None)
     monkeypatch.setattr(kernels, "_failed", "disabled by the test")
     slow = decide()
-    assert torch.equal(fast[0], slow[0]) and fast[1] == slow[1]
+    assert fast[1] == slow[1]
+    parted = 0
+    for row in range(len(prompts)):
+        differ = (fast[0][row] != slow[0][row]).nonzero()
+        if len(differ) == 0:
+            continue
+        step = int(differ[0])
+        top = slow[2][row, step].topk(2)
+        assert float(top.values[0] - top.values[1]) <= 2 * 2.0 ** -7 * float(top.values[0].abs()), (row, step, top)
+        assert int(fast[0][row, step]) == int(top.indices[1]), (row, step, top)
+        parted += 1
+    assert parted <= 1, f"{parted} of {len(prompts)} image rows parted"
 
 
 def janus_example(name):
