@@ -8,8 +8,8 @@ import pytest
 from januskit import Janus
 from januskit.api import default_model_dir
 from januskit.cli import main
-from januskit.data.world import (COLORS, Obj, Scene, _draw_relation, _named, final_answer, questions,
-                                  random_scene, relation_holds, scan_answer, scanned_position_answer)
+from januskit.data.world import (COLORS, Obj, Scene, _draw_relation, _named, _position_question, final_answer,
+                                  questions, random_scene, relation_holds, scan_answer, scanned_position_answer)
 from januskit.eval.shapescore import check_prompt, detect
 
 
@@ -54,17 +54,17 @@ def test_answers_position_questions_by_scanning_the_scene(janus):
         if len(named) < 2 or not (drawn := _draw_relation(named, rng)):
             continue
         a, rel, b = drawn
-        if relation_holds(a, rel, b) != (len(cases) % 2 == 0):
+        yes = len(cases) % 2 == 0
+        if relation_holds(a, rel, b) != yes:
             a, b = b, a
-        if relation_holds(a, rel, b) == (len(cases) % 2 == 0):
-            cases.append((scene, f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?",
-                          "yes" if len(cases) % 2 == 0 else "no", scanned_position_answer(scene, a, rel, b)))
-    convs = [[{"role": "user", "content": f"<image_placeholder>\n{q}", "images": [s.render(64)]},
-              {"role": "assistant", "content": ""}] for s, q, _, _ in cases]
+        if relation_holds(a, rel, b) == yes:
+            cases.append((scene, _position_question(a, rel, b, scanned_position_answer(scene, a, rel, b))))
+    convs = [[{"role": "user", "content": f"<image_placeholder>\n{q['question']}", "images": [s.render(64)]},
+              {"role": "assistant", "content": ""}] for s, q in cases]
     replies = janus.chat_batch(convs, max_new_tokens=128, temperature=0)
-    right = [final_answer(r.text) == want for r, (_, _, want, _) in zip(replies, cases)]
-    scanned = [r.text.strip().startswith(scan_answer(s)) for r, (s, _, _, _) in zip(replies, cases)]
-    report = [(q, full, r.text) for r, (_, q, _, full) in zip(replies, cases)]
+    right = [final_answer(r.text) == final_answer(q["answer"]) for r, (_, q) in zip(replies, cases)]
+    scanned = [r.text.strip().startswith(scan_answer(s)) for r, (s, _) in zip(replies, cases)]
+    report = [(q["question"], q["answer"], r.text) for r, (_, q) in zip(replies, cases)]
     assert sum(right) >= 0.75 * len(cases) and sum(scanned) >= 0.75 * len(cases), report
 
 
