@@ -1,14 +1,16 @@
 """A short version of the bundled model's chain: every component and stage runs, losses fall, the model
 exports and loads, and the evaluation writes a well-formed report."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from januskit import Janus
 from januskit.config import preset
-from januskit.pretrain.chain import run_chain
+from januskit.pretrain.chain import FAST, run_chain
 from januskit.pretrain.llm import train_llm
 from januskit.pretrain.vq import train_vq
 
@@ -370,3 +372,17 @@ def test_chain_with_position_scan_runs_the_scan_stage_after_the_where_stage(tmp_
     with pytest.raises(ValueError, match="either reasoned .* or scanned"):
         run_chain(tmp_path / "both", fast=True, position_reasons=True, position_scan=True)
     assert not (tmp_path / "both").exists()
+
+
+def test_chain_with_scan_weight_mixes_the_scan_chats_into_stage_three(tmp_path):
+    size = dataclasses.replace(FAST, scan_weight=2.0, scan_steps=3)
+    run_chain(tmp_path, size=size, position_scan=True)
+    assert not (tmp_path / "scan").exists()
+    recipe = json.loads((tmp_path / "stage3" / "recipe.json").read_text())
+    assert recipe["model"]["checkpoint"] == str(tmp_path / "stage2" / "final")
+    assert recipe["train"]["steps"] == FAST.stage_steps[2] + 3 and recipe["train"]["max_len"] == 256
+    sources = {s["name"]: s for s in recipe["data"]["sources"]}
+    assert list(sources) == ["chat", "text", "text_to_image", "chat_image", "scan_chat"]
+    assert sources["scan_chat"]["weight"] == 2.0 and sources["scan_chat"]["group"] == "understanding"
+    assert all(Path(s["path"]).parent == tmp_path / "data" and Path(s["path"]).exists() for s in sources.values())
+    assert (tmp_path / "model" / "model.safetensors").exists()

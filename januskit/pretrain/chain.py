@@ -35,7 +35,11 @@ class ChainSize:
     llm_steps: int = 500
     stage_steps: tuple[int, int, int] = (150, 400, 400)
     where_steps: int = 300  # the where stage between II and III (`where_stage`)
-    scan_steps: int = 300  # the scan stage between II and III (`position_scan`)
+    # `position_scan`: scan_chat joins stage III's understanding sources at scan_weight (chat's weight is 1) and stage
+    # III runs scan_steps more steps; scan_weight 0 runs the scan chats as a stage of their own (scan_steps, recipe
+    # shapes-scan-stage3) between stages II and III instead.
+    scan_steps: int = 300
+    scan_weight: float = 0.0
     global_batch: int = 64
     vq_lr: float = 1e-3
     vq_ae_warmup: float = 0.6
@@ -270,11 +274,16 @@ def run_chain(out: Path, seed: int = 0, fast: bool = False, size: ChainSize | No
         if stage == 3 and where_stage:
             previous = _run_stage(out, "where", "shapes-where-stage3", size.where_steps, previous, data, codes, size,
                                   timings, frozen=frozen)
-        if stage == 3 and position_scan:
+        added = []
+        if stage == 3 and position_scan and size.scan_weight > 0:
+            steps += size.scan_steps
+            added = [{"name": "scan_chat", "path": "scan_chat.jsonl", "group": "understanding",
+                      "weight": size.scan_weight}]
+        elif stage == 3 and position_scan:
             previous = _run_stage(out, "scan", "shapes-scan-stage3", size.scan_steps, previous, data, codes, size,
                                   timings, frozen=frozen)
         previous = _run_stage(out, f"stage{stage}", f"shapes-stage{stage}", steps, previous, data, codes, size,
-                              timings, frozen=frozen, extra=longer if stage == 3 else [])
+                              timings, frozen=frozen, extra=longer if stage == 3 else [], added_sources=added)
     final = out / "model"
     if not (final / "config.json").exists():
         shutil.copytree(previous, final, dirs_exist_ok=True)
@@ -323,9 +332,10 @@ def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _run_stage(out: Path, name: str, recipe_name: str, steps: int, start: Path, data: Path, codes: Path,
-               size: ChainSize, timings: dict, frozen: list[str] = (), extra: list[str] = ()) -> Path:
-    """Train `recipe_name` from `start` for `steps` into OUT/name (the recipe's data read from the chain's world);
-    a finished one is skipped, an interrupted one resumes."""
+               size: ChainSize, timings: dict, frozen: list[str] = (), extra: list[str] = (),
+               added_sources: list[dict] = ()) -> Path:
+    """Train `recipe_name` from `start` for `steps` into OUT/name (the recipe's data read from the chain's world,
+    with `added_sources` after the recipe's own); a finished one is skipped, an interrupted one resumes."""
     from ..train import checkpoint
     from ..train.recipe import load_recipe
 
@@ -336,7 +346,11 @@ def _run_stage(out: Path, name: str, recipe_name: str, steps: int, start: Path, 
     recipe = load_recipe(recipe_name, [])
     overrides = [f"model.checkpoint={start}", f"output_dir={run_dir}", f"train.steps={steps}",
                  f"train.global_batch={size.global_batch}", f"data.codes={codes}"]
-    overrides += [f"data.sources.{s['name']}.path={data / Path(s['path']).name}" for s in recipe.data.sources]
+    if added_sources:
+        sources = [{**s, "path": str(data / Path(s["path"]).name)} for s in [*recipe.data.sources, *added_sources]]
+        overrides.append("data.sources=[" + ", ".join(_inline_table(s) for s in sources) + "]")
+    else:
+        overrides += [f"data.sources.{s['name']}.path={data / Path(s['path']).name}" for s in recipe.data.sources]
     if frozen:
         overrides.append(f"train.frozen={json.dumps(list(recipe.train.frozen) + list(frozen))}")
     overrides += extra
@@ -347,6 +361,11 @@ def _run_stage(out: Path, name: str, recipe_name: str, steps: int, start: Path, 
     _train_in_own_process(recipe_name, overrides, resume)
     timings[name] = round(time.time() - t, 1)
     return final
+
+
+def _inline_table(table: dict) -> str:
+    """`table` as a TOML inline table (its values strings or numbers; a JSON string is a TOML basic string)."""
+    return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in table.items()) + "}"
 
 
 def _train_in_own_process(recipe_name: str, overrides: list[str], resume: str | None) -> None:
