@@ -357,7 +357,7 @@ def test_chain_with_the_image_position_table_trains_it_from_stage_one(tmp_path):
 
 
 def test_chain_with_position_scan_runs_the_scan_stage_after_the_where_stage(tmp_path):
-    run_chain(tmp_path, fast=True, where_stage=True, position_scan=True)
+    run_chain(tmp_path, size=dataclasses.replace(FAST, scan_stage3_steps=3), where_stage=True, position_scan=True)
     chats = (tmp_path / "data" / "scan_chat.jsonl").read_text().splitlines()
     assert chats and any("List the shapes." in line for line in chats)
     recipes = {s: json.loads((tmp_path / s / "recipe.json").read_text()) for s in ("where", "scan", "stage3")}
@@ -365,6 +365,7 @@ def test_chain_with_position_scan_runs_the_scan_stage_after_the_where_stage(tmp_
     assert recipes["stage3"]["model"]["checkpoint"] == str(tmp_path / "scan" / "final")
     assert [s["name"] for s in recipes["scan"]["data"]["sources"]] == ["scan_chat"]
     assert recipes["scan"]["train"]["max_len"] == recipes["stage3"]["train"]["max_len"] == 256
+    assert recipes["scan"]["train"]["steps"] == FAST.scan_steps and recipes["stage3"]["train"]["steps"] == 3
     assert "scan" in json.loads((tmp_path / "timings.json").read_text())
     assert (tmp_path / "model" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="started with scanned position answers"):
