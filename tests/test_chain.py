@@ -357,7 +357,8 @@ def test_chain_with_the_image_position_table_trains_it_from_stage_one(tmp_path):
 
 
 def test_chain_with_position_scan_runs_the_scan_stage_after_the_where_stage(tmp_path):
-    run_chain(tmp_path, size=dataclasses.replace(FAST, scan_stage3_steps=3), where_stage=True, position_scan=True)
+    run_chain(tmp_path, fast=True, size=dataclasses.replace(FAST, scan_stage3_steps=3), where_stage=True,
+              position_scan=True)
     chats = (tmp_path / "data" / "scan_chat.jsonl").read_text().splitlines()
     assert chats and any("List the shapes." in line for line in chats)
     recipes = {s: json.loads((tmp_path / s / "recipe.json").read_text()) for s in ("where", "scan", "stage3")}
@@ -377,7 +378,7 @@ def test_chain_with_position_scan_runs_the_scan_stage_after_the_where_stage(tmp_
 
 def test_chain_with_scan_weight_mixes_the_scan_chats_into_stage_three(tmp_path):
     size = dataclasses.replace(FAST, scan_weight=2.0, scan_steps=3)
-    run_chain(tmp_path, size=size, position_scan=True)
+    run_chain(tmp_path, fast=True, size=size, position_scan=True)
     assert not (tmp_path / "scan").exists()
     recipe = json.loads((tmp_path / "stage3" / "recipe.json").read_text())
     assert recipe["model"]["checkpoint"] == str(tmp_path / "stage2" / "final")
