@@ -80,7 +80,8 @@ def generate_image_tokens(
     ids, attn = ids.to(device), attn.to(device)
     masks = _Masks(attn, num_tokens)
     cache = KVCache(model.config.llm, 2 * P, ids.shape[1] + num_tokens, device=device, dtype=dtype)
-    hidden = model.decoder(model.embed(ids), positions=masks.prompt_positions, cache=cache, mask=masks.prompt_mask())
+    hidden = model.decoder(model.embed(ids), positions=masks.prompt_positions, cache=cache, mask=masks.prompt_mask(),
+                           last_only=True)
     if n > 1:
         # Row r of the doubled batch: half h (cond/uncond), prompt p, sample s -> prefill row h * P + p.
         rows = torch.arange(2 * P, device=device).repeat_interleave(n)
@@ -124,7 +125,8 @@ def generate_text(
     attention_mask = attention_mask.to(device)
     masks = _Masks(attention_mask, max_new_tokens)
     cache = KVCache(model.config.llm, B, T + max_new_tokens, device=device, dtype=embeds.dtype)
-    hidden = model.decoder(embeds, positions=masks.prompt_positions, cache=cache, mask=masks.prompt_mask())
+    hidden = model.decoder(embeds, positions=masks.prompt_positions, cache=cache, mask=masks.prompt_mask(),
+                           last_only=True)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
         logits = model.language_model.lm_head(hidden[:, -1])  # (B, V)

@@ -92,10 +92,14 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, self.n_kv * self.hd, bias=bias)
         self.o_proj = Linear(self.n_head * self.hd, d, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, last_only: bool = False):
+        """x (B, T, D) -> (B, T, D); `last_only`: keys and values of every position (into the cache), the output
+        of the last one only, (B, 1, D)."""
         B, T, _ = x.shape
         x = x.reshape(B * T, -1)  # 2-D operands take the fast GEMM paths on CPU (3-D bf16 with T=1 is ~2x slower)
         fast = self.hd in (64, 128) and kernels.fast_path(x)
+        if last_only and T > 1:
+            return self._last_query(x, B, T, cos, sin, mask, cache, fast)
         if fast and cache is not None and T == 1:
             return self._decode_step(x, cos.view(B, -1), sin.view(B, -1), mask, cache)
         q, k, v = self._project(x, B, T, cos, sin, fast)
@@ -121,6 +125,31 @@ class Attention(nn.Module):
         if not fused_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
+
+    def _last_query(self, x, B, T, cos, sin, mask, cache: KVCache | None, fast: bool):
+        """A prompt's last layer when only its last position's output is wanted: k and v over all T positions,
+        q, attention, o_proj for the last one (the query of a decode step, over keys written as a prompt's)."""
+        last = x.view(B, T, -1)[:, -1]  # (B, D)
+        k, v = self.k_proj(x), self.v_proj(x)
+        q = self.q_proj(last)
+        if fast:
+            rows = [t.expand(B, 1, T, self.hd).reshape(B * T, self.hd) for t in (cos, sin)]
+            k = kernels.rope(k.view(B * T, self.n_kv, self.hd), *rows)
+            q = kernels.rope(q.view(B, self.n_head, self.hd),
+                             *[t[:, 0, -1].expand(B, self.hd).contiguous() for t in (cos, sin)])
+        q = q.view(B, 1, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, 1, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if not fast:
+            q, k = apply_rope(q, cos[:, :, -1:], sin[:, :, -1:]), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v)
+        if mask is not None:
+            mask = mask[:, :, -1:]  # (B, 1, 1, S): the last query's row; None stays None (it sees every key)
+        y = kernels.decode_attention(q, k, v, mask, self.hd ** -0.5) if fast else None
+        if y is None:
+            y = self._sdpa(q, k, v, mask)
+        return self.o_proj(y.reshape(B, self.n_head * self.hd)).view(B, 1, -1)
 
     def _sdpa(self, q, k, v, mask):
         """The general attention: SDPA of q (B, n_head, T, hd) over k, v (B, n_kv, S, hd), any mask, device, dtype."""
@@ -179,8 +208,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, last_only: bool = False):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, last_only)
+        x = (x[:, -1:] if last_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -239,12 +269,16 @@ class LlamaDecoder(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """embeds (B, T, D) -> hidden (B, T, D).
 
         positions: (B, T) RoPE positions, default `cache.length + arange(T)`.
         mask: bool attention mask (B, 1, T, S), True = attend, S = cached + new positions; default causal.
         cache: written at `cache.length` and advanced by T.
+        last_only: hidden (B, 1, D) of the last position only, for a prompt whose next token is all that is wanted:
+        the last block computes keys and values for every position and the rest (q, attention, o_proj, MLP) for
+        the last one (janus-pro-1b, a 755-token understanding prompt: ~3% of the prefill's FLOPs saved).
         """
         B, T, _ = embeds.shape
         start = cache.length if cache is not None else 0
@@ -255,11 +289,12 @@ class LlamaDecoder(nn.Module):
         blocks = self.layers
         if self._compiled is not None and self.training and torch.is_grad_enabled() and cache is None:
             blocks = self._compiled
-        for block in blocks:
+        for i, block in enumerate(blocks):
+            last = {"last_only": True} if last_only and i == len(blocks) - 1 else {}
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False, **last)
             else:
-                x = block(x, cos, sin, mask, cache)
+                x = block(x, cos, sin, mask, cache, **last)
         if cache is not None:
             cache.length += T
         return self.norm(x)

@@ -1,5 +1,6 @@
 """Decoder equivalences: cached vs uncached, left-padded batch vs single rows, packed vs separate samples."""
 
+import pytest
 import torch
 
 from januskit.config import LlamaConfig
@@ -73,3 +74,29 @@ def test_cache_reorder_repeats_rows():
     # Only the written positions are defined (the cache is allocated uninitialised).
     torch.testing.assert_close(cache.k[:, 1, :, :3], k0[:, 0, :, :3])
     torch.testing.assert_close(cache.k[:, 3, :, :3], k0[:, 1, :, :3])
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 8), (torch.bfloat16, 64)])  # bf16 hd 64: the CPU kernels
+def test_last_only_prefill_matches_the_full_prompt_and_fills_the_same_cache(dtype, head_dim):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=4 * head_dim, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    lm = LlamaLM(cfg).to(dtype).eval()
+    for p in lm.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+    am = torch.tensor([[1] * 7, [0] * 3 + [1] * 4])  # left-padded: the last query's mask row matters
+    x = torch.randn(2, 7, cfg.hidden_size, dtype=dtype)
+    pos, mask = positions_from_mask(am), padded_mask(am, 7)
+    full_cache, last_cache = KVCache(cfg, 2, 9, dtype=dtype), KVCache(cfg, 2, 9, dtype=dtype)
+    full = lm.model(x, positions=pos, cache=full_cache, mask=mask)
+    last = lm.model(x, positions=pos, cache=last_cache, mask=mask, last_only=True)
+    assert last.shape == (2, 1, cfg.hidden_size) and last_cache.length == full_cache.length == 7
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(last, full[:, -1:], **tol)
+    torch.testing.assert_close(last_cache.k[:, :, :, :7], full_cache.k[:, :, :, :7], atol=0, rtol=0)
+    torch.testing.assert_close(last_cache.v[:, :, :, :7], full_cache.v[:, :, :, :7], atol=0, rtol=0)
+    step = torch.randn(2, 1, cfg.hidden_size, dtype=dtype)  # a decode step after each prefill: the same
+    step_mask = torch.cat([am, torch.ones(2, 1, dtype=am.dtype)], 1).bool()[:, None, None]
+    a, b = (lm.model(step, positions=pos[:, -1:] + 1, cache=c, mask=step_mask) for c in (full_cache, last_cache))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
