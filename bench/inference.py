@@ -141,8 +141,9 @@ def matmul_peak(device: str, dtype: torch.dtype, tokens: int, reps: int = 5) -> 
 
 def prefill_flops(cfg, tokens: int) -> float:
     """Multiply-adds x 2 of an understanding prefill: the encoder over its patches (projections and attention), the
-    adaptor, the decoder over `tokens` positions (projections and causal attention, half the score matrix) and the
-    text head for the last one."""
+    adaptor, the decoder over `tokens` positions (projections and causal attention, half the score matrix; in its
+    last block only k and v for every position, the rest for the last one, as januskit computes it) and the text
+    head for the last one."""
     from januskit.weights import build_on_meta
 
     m = build_on_meta(cfg)
@@ -154,8 +155,12 @@ def prefill_flops(cfg, tokens: int) -> float:
 
     vision = 2 * patches * linear_params(m.vision_model) + 4 * v.depth * patches ** 2 * v.width
     aligner = 2 * patches * linear_params(m.aligner)
-    llm = 2 * tokens * linear_params(m.language_model.model.layers)
-    llm += 2 * l.num_hidden_layers * tokens ** 2 * l.num_attention_heads * l.head_dim  # causal: half of 4 T^2 d
+    last = m.language_model.model.layers[-1]
+    last_kv = last.self_attn.k_proj.weight.numel() + last.self_attn.v_proj.weight.numel()
+    llm = 2 * tokens * linear_params(m.language_model.model.layers[:-1])
+    llm += 2 * tokens * last_kv + 2 * (linear_params(last) - last_kv)
+    attn = l.num_attention_heads * l.head_dim
+    llm += 2 * (l.num_hidden_layers - 1) * tokens ** 2 * attn + 4 * tokens * attn  # causal: half of 4 T^2 d
     head = 2 * l.hidden_size * l.vocab_size
     return float(vision + aligner + llm + head)
 
