@@ -351,11 +351,8 @@ def _run_stage(out: Path, name: str, recipe_name: str, steps: int, start: Path, 
     recipe = load_recipe(recipe_name, [])
     overrides = [f"model.checkpoint={start}", f"output_dir={run_dir}", f"train.steps={steps}",
                  f"train.global_batch={size.global_batch}", f"data.codes={codes}"]
-    if added_sources:
-        sources = [{**s, "path": str(data / Path(s["path"]).name)} for s in [*recipe.data.sources, *added_sources]]
-        overrides.append("data.sources=[" + ", ".join(_inline_table(s) for s in sources) + "]")
-    else:
-        overrides += [f"data.sources.{s['name']}.path={data / Path(s['path']).name}" for s in recipe.data.sources]
+    sources = [{**s, "path": str(data / Path(s["path"]).name)} for s in [*recipe.data.sources, *added_sources]]
+    overrides.append("data.sources=[" + ", ".join(_inline_table(s) for s in sources) + "]")
     if frozen:
         overrides.append(f"train.frozen={json.dumps(list(recipe.train.frozen) + list(frozen))}")
     overrides += extra
