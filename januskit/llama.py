@@ -111,37 +111,30 @@ class Attention(nn.Module):
             y = self._sdpa(q, k, v, mask).transpose(1, 2)
         return self.o_proj(y.reshape(B * T, self.n_head * self.hd)).view(B, T, -1)
 
-    def _project(self, x, B, T, cos, sin, fused_rope: bool):
+    def _project(self, x, B, T, cos, sin, fused_rope: bool, last_query: bool = False):
         """q (B, n_head, T, hd), k and v (B, n_kv, T, hd) with RoPE applied, as views of the (B*T, heads * hd)
-        projections; `fused_rope`: the RoPE kernel over all B * T positions, straight from that layout."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        projections; `fused_rope`: the RoPE kernel over all B * T positions, straight from that layout;
+        `last_query`: q of the last position only, (B, n_head, 1, hd)."""
+        tq = 1 if last_query else T
+        q = self.q_proj(x.view(B, T, -1)[:, -1] if last_query else x)
+        k, v = self.k_proj(x), self.v_proj(x)
+        qcos, qsin = (cos[:, :, -1:], sin[:, :, -1:]) if last_query else (cos, sin)
         if fused_rope:
             rows = [t.expand(B, 1, T, self.hd).reshape(B * T, self.hd) for t in (cos, sin)]
-            q = kernels.rope(q.view(B * T, self.n_head, self.hd), *rows)
+            qrows = [t.expand(B, 1, 1, self.hd).reshape(B, self.hd) for t in (qcos, qsin)] if last_query else rows
+            q = kernels.rope(q.view(B * tq, self.n_head, self.hd), *qrows)
             k = kernels.rope(k.view(B * T, self.n_kv, self.hd), *rows)
-        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
+        q = q.view(B, tq, self.n_head, self.hd).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if not fused_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, qcos, qsin), apply_rope(k, cos, sin)
         return q, k, v
 
     def _last_query(self, x, B, T, cos, sin, mask, cache: KVCache | None, fast: bool):
         """A prompt's last layer when only its last position's output is wanted: k and v over all T positions,
         q, attention, o_proj for the last one (the query of a decode step, over keys written as a prompt's)."""
-        last = x.view(B, T, -1)[:, -1]  # (B, D)
-        k, v = self.k_proj(x), self.v_proj(x)
-        q = self.q_proj(last)
-        if fast:
-            rows = [t.expand(B, 1, T, self.hd).reshape(B * T, self.hd) for t in (cos, sin)]
-            k = kernels.rope(k.view(B * T, self.n_kv, self.hd), *rows)
-            q = kernels.rope(q.view(B, self.n_head, self.hd),
-                             *[t[:, 0, -1].expand(B, self.hd).contiguous() for t in (cos, sin)])
-        q = q.view(B, 1, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, 1, hd)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        if not fast:
-            q, k = apply_rope(q, cos[:, :, -1:], sin[:, :, -1:]), apply_rope(k, cos, sin)
+        q, k, v = self._project(x, B, T, cos, sin, fast, last_query=True)
         if cache is not None:
             k, v = cache.write(self.layer, k, v)
         if mask is not None:
