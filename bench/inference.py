@@ -6,7 +6,9 @@ measures in one run, each implementation in its own subprocess (so peak memory i
   - understanding: prefill time for one image plus a question (and its FLOP/s against the best GEMM of the same
     rows measured alone), then decode tokens/s;
   - peak resident memory;
-  - the roofline: bytes of weights (plus KV cache) read per decode step / measured memory bandwidth.
+  - the roofline: bytes of weights (plus KV cache) read per decode step / measured memory bandwidth, against a
+    read probe before and after all the workers (roofline_*) and against each worker's own streamed read of its
+    decoder weights just before and after the measurement (own_roofline_*, the same moment and memory).
 
     python bench/inference.py                         # bf16 and fp32 on CPU, janus-pro-1b
     python bench/inference.py --device cuda --preset janus-pro-7b --dtypes bfloat16
@@ -92,15 +94,20 @@ def memory_bandwidth(device: str, gib: float = 2.0, reps: int = 5) -> tuple[floa
             t_best = min(t_best, time.perf_counter() - t)
         return t_best
 
-    read = best(lambda: a.sum())
-    if device == "cpu":
-        # The best read loop we have sets the ceiling: januskit's own streamed read (software prefetch) reads faster
-        # than torch.sum on some CPUs, and a roofline below what a kernel reaches would read as > 100%.
-        from januskit import kernels
-
-        if kernels.available():
-            read = min(read, best(lambda: kernels.read_sum(a)))
+    read = min(best(loop) for loop in _read_loops(a, device))
     return n * 4 / read, 2 * n * 4 / best(lambda: b.copy_(a))
+
+
+def _read_loops(a: torch.Tensor, device: str) -> list:
+    """Ways to read a float32 tensor once: torch.sum, and on the CPU januskit's streamed read with and without
+    software prefetch. The best of them sets the ceiling: which is fastest depends on the CPU and the moment, and a
+    roofline below what a kernel reaches would read as > 100%."""
+    from januskit import kernels
+
+    loops = [lambda: a.sum()]
+    if device == "cpu" and kernels.available() and a.numel() % 64 == 0:
+        loops += [lambda: kernels.read_sum(a, True), lambda: kernels.read_sum(a, False)]
+    return loops
 
 
 def _sync(device):
@@ -108,18 +115,33 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def decode_bytes_per_step(cfg, dtype, rows: int, context: int) -> int:
-    """Bytes an image decode step must read: decoder layers, final norm, image head, code embedding + adaptor,
-    and the KV cache of every row at the given context length."""
+def decode_bytes_per_step(cfg, dtype, rows: int, context: int, text: bool = False, int8: bool = False) -> int:
+    """Bytes a decode step must read: the decoder layers and final norm, then the image head and the code
+    embedding's adaptor (an image step) or the text head (`text`), and the KV cache of every row at the given context
+    length. `int8`: the linear weights that `quant.quantize_int8` replaces (its default `include`) at one byte plus a
+    bf16 scale per output channel; everything else, the KV cache too, in `dtype`."""
+    import inspect
+
+    from januskit.quant import quantize_int8
     from januskit.weights import build_on_meta
 
     m = build_on_meta(cfg)
     el = torch.tensor([], dtype=dtype).element_size()
-    parts = [m.language_model.model.layers, m.language_model.model.norm, m.gen_head, m.gen_aligner]
-    n = sum(p.numel() for part in parts for p in part.parameters())
+    quantized = inspect.signature(quantize_int8).parameters["include"].default
+    lm = m.language_model
+    parts = {"language_model.model.layers": lm.model.layers, "language_model.model.norm": lm.model.norm}
+    parts.update({"language_model.lm_head": lm.lm_head} if text else {"gen_head": m.gen_head, "gen_aligner": m.gen_aligner})
+    total = 0
+    for prefix, part in parts.items():
+        for name, mod in part.named_modules():
+            full = f"{prefix}.{name}" if name else prefix
+            for pname, p in mod.named_parameters(recurse=False):
+                if int8 and pname == "weight" and isinstance(mod, torch.nn.Linear) and full.startswith(quantized):
+                    total += p.numel() + 2 * p.shape[0]
+                else:
+                    total += p.numel() * el
     l = cfg.llm
-    kv = 2 * l.num_hidden_layers * l.num_key_value_heads * l.head_dim * context * rows
-    return (n + kv) * el
+    return total + 2 * l.num_hidden_layers * l.num_key_value_heads * l.head_dim * context * rows * el
 
 
 def matmul_peak(device: str, dtype: torch.dtype, tokens: int, reps: int = 5) -> float:
@@ -197,6 +219,31 @@ def _stream_times(run, steps: int, reps: int = 2) -> tuple[float, float]:
     return best_p, best_s
 
 
+def weight_read_bandwidth(modules, device, reps: int = 3) -> float:
+    """Bytes/s of one read of the modules' parameters and buffers (a worker's own decoder weights: the bytes a decode
+    step reads, in the same memory, at the moment of its decode steps), each viewed as float32: the best pass of
+    each read loop of `_read_loops` (tensors whose size is not a multiple of 256 bytes are summed by torch)."""
+    tensors = [t.detach().reshape(-1) for m in modules for t in (*m.parameters(), *m.buffers())]
+    views = [t.view(torch.uint8).view(torch.float32) if (t.numel() * t.element_size()) % 256 == 0 else t.float()
+             for t in tensors]
+    per_tensor = [_read_loops(v, device) for v in views]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    best = float("inf")
+    for i in range(max(len(loops) for loops in per_tensor)):
+        passes = [loops[min(i, len(loops) - 1)] for loops in per_tensor]
+        for _ in range(reps + 1):  # the first pass is a warm-up
+            dt, _ = _timeit(lambda: [read() for read in passes], device)
+            best = min(best, dt)
+    return nbytes / best
+
+
+def _around(measure, modules, device):
+    """measure(), with the weights' read bandwidth taken just before and just after it (the higher of the two)."""
+    before = weight_read_bandwidth(modules, device)
+    out = measure()
+    return out, max(before, weight_read_bandwidth(modules, device))
+
+
 def _question(p):
     conv = [{"role": "user", "content": "<image_placeholder>\nWhat is in the image?", "images": [_image()]},
             {"role": "assistant", "content": ""}]
@@ -213,6 +260,7 @@ def worker_januskit(args) -> dict:
 
         quantize_int8(janus.model)
     p, m = janus.processor, janus.model
+    layers = [m.language_model.model.layers]  # what the weight-read probe reads: ~95% of a decode step's bytes
     res = {}
     for n in (1, 4):
         cond, uncond = p.generation_ids("a red circle above a blue square")
@@ -221,8 +269,9 @@ def worker_januskit(args) -> dict:
             return generate_image_tokens(m, [cond], [uncond], p.pad_id, n=n, temperature=1.0,
                                          generator=torch.Generator(device=args.device).manual_seed(0), num_tokens=steps)
 
-        step, _ = _marginal(run, args.steps, args.device)
+        (step, _), bw = _around(lambda: _marginal(run, args.steps, args.device), layers, args.device)
         res[f"image_step_ms_n{n}"], res[f"image_tok_s_n{n}"] = step * 1e3, n / step
+        res[f"read_gb_s_n{n}"] = bw / 1e9
     enc = _question(p)
     batch = p.batch([enc]).to(args.device, dtype=janus.dtype)
 
@@ -235,8 +284,8 @@ def worker_januskit(args) -> dict:
                 stamps.append(time.perf_counter())
         return t0, stamps
 
-    prefill, step = _stream_times(prefill_and_decode, args.text_steps)
-    res.update(prefill_ms=prefill * 1e3, text_tok_s=1 / step, prompt_tokens=len(enc.input_ids))
+    (prefill, step), bw = _around(lambda: _stream_times(prefill_and_decode, args.text_steps), layers, args.device)
+    res.update(prefill_ms=prefill * 1e3, text_tok_s=1 / step, prompt_tokens=len(enc.input_ids), read_gb_s_text=bw / 1e9)
     return res
 
 
@@ -248,6 +297,7 @@ def worker_transformers(args) -> dict:
     d = Path(args.ckpt) / "hf"
     hf = JanusForConditionalGeneration.from_pretrained(d, dtype=args.dtype).to(args.device).eval()
     p = JanusProcessor.from_pretrained(d)
+    layers = [hf.model.language_model.layers]
     res = {}
     for n in (1, 4):
         cond, _ = p.generation_ids("a red circle above a blue square")
@@ -262,8 +312,9 @@ def worker_transformers(args) -> dict:
                 return hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
                                    generation_config=gc)
 
-        step, _ = _marginal(run, args.steps, args.device)
+        (step, _), bw = _around(lambda: _marginal(run, args.steps, args.device), layers, args.device)
         res[f"image_step_ms_n{n}"], res[f"image_tok_s_n{n}"] = step * 1e3, n / step
+        res[f"read_gb_s_n{n}"] = bw / 1e9
     enc = _question(p)
     ids = enc.input_ids[None].to(args.device)
     pv = enc.images.to(args.device, dtype=args.dtype)
@@ -288,8 +339,8 @@ def worker_transformers(args) -> dict:
                         streamer=st)
         return t0, st.calls[1:]  # the first put() is the prompt
 
-    prefill, step = _stream_times(gen, args.text_steps)
-    res.update(prefill_ms=prefill * 1e3, text_tok_s=1 / step, prompt_tokens=ids.shape[1])
+    (prefill, step), bw = _around(lambda: _stream_times(gen, args.text_steps), layers, args.device)
+    res.update(prefill_ms=prefill * 1e3, text_tok_s=1 / step, prompt_tokens=ids.shape[1], read_gb_s_text=bw / 1e9)
     return res
 
 
@@ -388,6 +439,8 @@ def main():
             for impl, int8 in impls:
                 name = impl + ("-int8" if int8 else "")
                 r = run_worker(impl, dtype, args, int8=int8)
+                if "error" not in r:
+                    _own_rooflines(r, cfg, DTYPES[dtype], args.steps, int8)
                 best[name] = r if name not in best or "error" in best[name] else _best_of(best[name], r)
         all_runs.append((dtype, best))
     # Read bandwidth before and after the workers, the higher of the two: a roofline below what was reached
@@ -399,7 +452,8 @@ def main():
     flops = prefill_flops(cfg, tokens) if tokens else 0.0
     print(f"\n{args.preset} on {args.device}, {args.threads} threads, measured read bandwidth {bw / 1e9:.1f} GB/s "
           f"(copy {copy_bw / 1e9:.1f} GB/s read+write); roofline = bytes per step / read bandwidth, "
-          f"{args.steps} image steps, {args.text_steps} text steps; prefill of {tokens} tokens = "
+          f"own_roofline = the same against the implementation's own read of its decoder weights just before and "
+          f"after that measurement; {args.steps} image steps, {args.text_steps} text steps; prefill of {tokens} tokens = "
           f"{flops / 1e9:.0f} GFLOP, peak = the best {tokens}-row GEMM alone ("
           + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()) + ")\n")
     for dtype, runs in all_runs:
@@ -410,10 +464,11 @@ def main():
                 print(f"{name} {dtype}: FAILED: {r['error']}")
                 continue
             row = {"impl": name, "dtype": dtype, **r}
+            int8 = name.endswith("int8")
             for n in (1, 4):
-                bytes_step = decode_bytes_per_step(cfg, torch.int8 if name.endswith("int8") else el_dtype, 2 * n, ctx)
+                bytes_step = decode_bytes_per_step(cfg, el_dtype, 2 * n, ctx, int8=int8)
                 row[f"roofline_n{n}"] = (bytes_step / bw) / (r[f"image_step_ms_n{n}"] / 1e3)
-            tb = decode_bytes_per_step(cfg, el_dtype, 1, r["prompt_tokens"])
+            tb = decode_bytes_per_step(cfg, el_dtype, 1, r["prompt_tokens"], text=True, int8=int8)
             row["text_roofline"] = (tb / bw) * r["text_tok_s"]
             if dtype in peaks:
                 row["prefill_gflop_s"] = flops / (r["prefill_ms"] / 1e3) / 1e9
@@ -424,11 +479,23 @@ def main():
         tmp.cleanup()
 
 
+def _own_rooflines(r: dict, cfg, el_dtype, steps: int, int8: bool) -> None:
+    """Each run's fractions of the roofline against its own weight-read probe (`weight_read_bandwidth`, taken just
+    before and after the same measurement in the same process), per run, before the best of the runs is kept: the
+    shared machine's bandwidth swings by 2x within an hour, so a probe minutes away can put a fraction anywhere."""
+    for n in (1, 4):
+        b = decode_bytes_per_step(cfg, el_dtype, 2 * n, 20 + steps // 2, int8=int8)
+        r[f"own_roofline_n{n}"] = b / (r[f"read_gb_s_n{n}"] * 1e9) / (r[f"image_step_ms_n{n}"] / 1e3)
+    b = decode_bytes_per_step(cfg, el_dtype, 1, r["prompt_tokens"], text=True, int8=int8)
+    r["own_text_roofline"] = b / (r["read_gb_s_text"] * 1e9) * r["text_tok_s"]
+
+
 def _print_table(rows):
     cols = [("impl", "{}"), ("dtype", "{}"), ("image_step_ms_n1", "{:.1f}"), ("image_tok_s_n1", "{:.2f}"),
-            ("roofline_n1", "{:.0%}"), ("image_step_ms_n4", "{:.1f}"), ("image_tok_s_n4", "{:.2f}"),
-            ("roofline_n4", "{:.0%}"), ("prefill_ms", "{:.0f}"), ("prefill_gflop_s", "{:.0f}"), ("prefill_peak", "{:.0%}"),
-            ("text_tok_s", "{:.2f}"), ("text_roofline", "{:.0%}"),
+            ("roofline_n1", "{:.0%}"), ("own_roofline_n1", "{:.0%}"), ("image_step_ms_n4", "{:.1f}"),
+            ("image_tok_s_n4", "{:.2f}"), ("roofline_n4", "{:.0%}"), ("own_roofline_n4", "{:.0%}"),
+            ("prefill_ms", "{:.0f}"), ("prefill_gflop_s", "{:.0f}"), ("prefill_peak", "{:.0%}"),
+            ("text_tok_s", "{:.2f}"), ("text_roofline", "{:.0%}"), ("own_text_roofline", "{:.0%}"),
             ("peak_rss_gib", "{:.2f}")]
     print("| " + " | ".join(c for c, _ in cols) + " |")
     print("|" + "---|" * len(cols))

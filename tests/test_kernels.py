@@ -297,7 +297,8 @@ class TestKernels:
 
     def test_read_sum(self):
         a = torch.rand(64 * 5000)
-        assert abs(kernels.read_sum(a) - float(a.double().sum())) < 1e-3 * float(a.sum())
+        for prefetch in (True, False):
+            assert abs(kernels.read_sum(a, prefetch) - float(a.double().sum())) < 1e-3 * float(a.sum())
 
 
 def _shapes_model():

@@ -147,9 +147,10 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.
     return _require().linear_int8(x, q, scale, b, _block_rows(x.shape[0]))
 
 
-def read_sum(a: torch.Tensor) -> float:
-    """Sum of a contiguous float32 tensor (numel a multiple of 64), streamed: the benchmark's memory-read probe."""
-    return _require().read_sum(a)
+def read_sum(a: torch.Tensor, prefetch: bool = True) -> float:
+    """Sum of a contiguous float32 tensor (numel a multiple of 64), streamed with or without software prefetch: the
+    benchmark's memory-read probes."""
+    return _require().read_sum(a, prefetch)
 
 
 def fast_path(x: torch.Tensor) -> bool:

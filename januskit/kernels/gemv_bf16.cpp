@@ -143,10 +143,11 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   return linear<Int8Weight>("linear_int8", x, q, scale, bias, r);
 }
 
-// The memory-read probe of the benchmark's roofline: the sum of a float32 tensor, streamed with the same software
-// prefetch as the kernels above (a plain torch.sum reads ~10% slower on some machines, which would put the
-// roofline below what the kernels reach).
-double read_sum(torch::Tensor a) {
+// The memory-read probe of the benchmark's roofline: the sum of a float32 tensor, streamed with or without a
+// software prefetch 2 KB ahead. Which loop reads fastest depends on the machine and the moment (a plain
+// torch.sum reads ~10% slower than the prefetched loop on some machines; on a 2-core EPYC VM the loop without
+// prefetch read 10-25% faster than with it), so the benchmark takes the best of them.
+double read_sum(torch::Tensor a, bool prefetch) {
   TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.numel() % 64 == 0,
               "read_sum: contiguous float32, a multiple of 64 elements");
   const float* p = a.data_ptr<float>();
@@ -156,7 +157,7 @@ double read_sum(torch::Tensor a) {
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t c = c0; c < c1; ++c) {
       const float* q = p + c * 64;
-      _mm_prefetch(reinterpret_cast<const char*>(q + 512), _MM_HINT_T0);
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(q + 512), _MM_HINT_T0);
       s0 = _mm512_add_ps(s0, _mm512_loadu_ps(q));
       s1 = _mm512_add_ps(s1, _mm512_loadu_ps(q + 16));
       s2 = _mm512_add_ps(s2, _mm512_loadu_ps(q + 32));
@@ -187,7 +188,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rmsnorm_bf16", &rmsnorm_bf16, "RMSNorm of a few bf16 rows, eager rounding");
   m.def("rope_bf16", &rope_bf16, "rotary embedding of one position per row, eager rounding");
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up in bf16, eager rounding");
-  m.def("read_sum", &read_sum, "sum of a float32 tensor, streamed (memory-read probe)");
+  m.def("read_sum", &read_sum, "sum of a float32 tensor, streamed, prefetched or not (memory-read probe)");
   m.def("decode_attention", &decode_attention, "one-query attention over a bf16 KV cache (AVX-512 BF16)");
   m.def("prefill_attention", &prefill_attention, "prompt attention, causal or masked, bf16 (AVX-512 BF16)");
   m.def("linear_bf16", &linear_bf16, "y = x @ w.T + b, bf16, 1-16 rows (AVX-512 BF16), r weight rows a block");
