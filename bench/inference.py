@@ -130,7 +130,10 @@ def decode_bytes_per_step(cfg, dtype, rows: int, context: int, text: bool = Fals
     quantized = inspect.signature(quantize_int8).parameters["include"].default
     lm = m.language_model
     parts = {"language_model.model.layers": lm.model.layers, "language_model.model.norm": lm.model.norm}
-    parts.update({"language_model.lm_head": lm.lm_head} if text else {"gen_head": m.gen_head, "gen_aligner": m.gen_aligner})
+    if text:
+        parts["language_model.lm_head"] = lm.lm_head
+    else:
+        parts.update(gen_head=m.gen_head, gen_aligner=m.gen_aligner)
     total = 0
     for prefix, part in parts.items():
         for name, mod in part.named_modules():
@@ -426,6 +429,7 @@ def main():
         build_checkpoint(args.preset, ckpt)
     cfg = preset(args.preset)
     bw, copy_bw = memory_bandwidth(args.device)
+    ctx = 20 + args.steps // 2  # an image step's mean KV length: about 20 prompt tokens and half the steps
     rows = []
     all_runs = []
     for dtype in args.dtypes.split(","):
@@ -440,7 +444,7 @@ def main():
                 name = impl + ("-int8" if int8 else "")
                 r = run_worker(impl, dtype, args, int8=int8)
                 if "error" not in r:
-                    _own_rooflines(r, cfg, DTYPES[dtype], args.steps, int8)
+                    _own_rooflines(r, cfg, DTYPES[dtype], ctx, int8)
                 best[name] = r if name not in best or "error" in best[name] else _best_of(best[name], r)
         all_runs.append((dtype, best))
     # Read bandwidth before and after the workers, the higher of the two: a roofline below what was reached
@@ -453,12 +457,12 @@ def main():
     print(f"\n{args.preset} on {args.device}, {args.threads} threads, measured read bandwidth {bw / 1e9:.1f} GB/s "
           f"(copy {copy_bw / 1e9:.1f} GB/s read+write); roofline = bytes per step / read bandwidth, "
           f"own_roofline = the same against the implementation's own read of its decoder weights just before and "
-          f"after that measurement; {args.steps} image steps, {args.text_steps} text steps; prefill of {tokens} tokens = "
+          f"after that measurement; {args.steps} image steps, {args.text_steps} text steps; "
+          f"prefill of {tokens} tokens = "
           f"{flops / 1e9:.0f} GFLOP, peak = the best {tokens}-row GEMM alone ("
           + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()) + ")\n")
     for dtype, runs in all_runs:
         el_dtype = DTYPES[dtype]
-        ctx = 20 + args.steps // 2
         for name, r in runs.items():
             if "error" in r:
                 print(f"{name} {dtype}: FAILED: {r['error']}")
@@ -479,12 +483,12 @@ def main():
         tmp.cleanup()
 
 
-def _own_rooflines(r: dict, cfg, el_dtype, steps: int, int8: bool) -> None:
+def _own_rooflines(r: dict, cfg, el_dtype, ctx: int, int8: bool) -> None:
     """Each run's fractions of the roofline against its own weight-read probe (`weight_read_bandwidth`, taken just
     before and after the same measurement in the same process), per run, before the best of the runs is kept: the
     shared machine's bandwidth swings by 2x within an hour, so a probe minutes away can put a fraction anywhere."""
     for n in (1, 4):
-        b = decode_bytes_per_step(cfg, el_dtype, 2 * n, 20 + steps // 2, int8=int8)
+        b = decode_bytes_per_step(cfg, el_dtype, 2 * n, ctx, int8=int8)
         r[f"own_roofline_n{n}"] = b / (r[f"read_gb_s_n{n}"] * 1e9) / (r[f"image_step_ms_n{n}"] / 1e3)
     b = decode_bytes_per_step(cfg, el_dtype, 1, r["prompt_tokens"], text=True, int8=int8)
     r["own_text_roofline"] = b / (r["read_gb_s_text"] * 1e9) * r["text_tok_s"]
