@@ -115,36 +115,26 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def decode_bytes_per_step(cfg, dtype, rows: int, context: int, text: bool = False, int8: bool = False) -> int:
-    """Bytes a decode step must read: the decoder layers and final norm, then the image head and the code
-    embedding's adaptor (an image step) or the text head (`text`), and the KV cache of every row at the given context
-    length. `int8`: the linear weights that `quant.quantize_int8` replaces (its default `include`) at one byte plus a
-    bf16 scale per output channel; everything else, the KV cache too, in `dtype`."""
-    import inspect
-
+def decode_step_bytes(cfg, dtype, int8: bool = False) -> tuple[int, int, int]:
+    """(weight bytes an image decode step reads, weight bytes a text decode step reads, KV-cache bytes per row and
+    position). Both steps read the decoder layers and final norm; an image step then the image head and the code
+    embedding's adaptor, a text step the text head. `int8`: as `quant.quantize_int8` leaves the model (its default
+    layers at one byte plus a scale per output channel); everything else, the KV cache too, in `dtype`."""
     from januskit.quant import quantize_int8
     from januskit.weights import build_on_meta
 
-    m = build_on_meta(cfg)
-    el = torch.tensor([], dtype=dtype).element_size()
-    quantized = inspect.signature(quantize_int8).parameters["include"].default
+    m = build_on_meta(cfg).to(dtype)
+    if int8:
+        quantize_int8(m)
     lm = m.language_model
-    parts = {"language_model.model.layers": lm.model.layers, "language_model.model.norm": lm.model.norm}
-    if text:
-        parts["language_model.lm_head"] = lm.lm_head
-    else:
-        parts.update(gen_head=m.gen_head, gen_aligner=m.gen_aligner)
-    total = 0
-    for prefix, part in parts.items():
-        for name, mod in part.named_modules():
-            full = f"{prefix}.{name}" if name else prefix
-            for pname, p in mod.named_parameters(recurse=False):
-                if int8 and pname == "weight" and isinstance(mod, torch.nn.Linear) and full.startswith(quantized):
-                    total += p.numel() + 2 * p.shape[0]
-                else:
-                    total += p.numel() * el
+
+    def size(*parts):
+        return sum(t.numel() * t.element_size() for part in parts for t in (*part.parameters(), *part.buffers()))
+
+    decoder = size(lm.model.layers, lm.model.norm)
     l = cfg.llm
-    return total + 2 * l.num_hidden_layers * l.num_key_value_heads * l.head_dim * context * rows * el
+    kv = 2 * l.num_hidden_layers * l.num_key_value_heads * l.head_dim * torch.tensor([], dtype=dtype).element_size()
+    return decoder + size(m.gen_head, m.gen_aligner), decoder + size(lm.lm_head), kv
 
 
 def matmul_peak(device: str, dtype: torch.dtype, tokens: int, reps: int = 5) -> float:
@@ -430,6 +420,13 @@ def main():
     cfg = preset(args.preset)
     bw, copy_bw = memory_bandwidth(args.device)
     ctx = 20 + args.steps // 2  # an image step's mean KV length: about 20 prompt tokens and half the steps
+    sizes = {}
+
+    def step_bytes(dtype: str, int8: bool) -> tuple[int, int, int]:
+        if (dtype, int8) not in sizes:
+            sizes[dtype, int8] = decode_step_bytes(cfg, DTYPES[dtype], int8)
+        return sizes[dtype, int8]
+
     rows = []
     all_runs = []
     for dtype in args.dtypes.split(","):
@@ -444,7 +441,7 @@ def main():
                 name = impl + ("-int8" if int8 else "")
                 r = run_worker(impl, dtype, args, int8=int8)
                 if "error" not in r:
-                    _own_rooflines(r, cfg, DTYPES[dtype], ctx, int8)
+                    _own_rooflines(r, step_bytes(dtype, int8), ctx)
                 best[name] = r if name not in best or "error" in best[name] else _best_of(best[name], r)
         all_runs.append((dtype, best))
     # Read bandwidth before and after the workers, the higher of the two: a roofline below what was reached
@@ -462,18 +459,13 @@ def main():
           f"{flops / 1e9:.0f} GFLOP, peak = the best {tokens}-row GEMM alone ("
           + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()) + ")\n")
     for dtype, runs in all_runs:
-        el_dtype = DTYPES[dtype]
         for name, r in runs.items():
             if "error" in r:
                 print(f"{name} {dtype}: FAILED: {r['error']}")
                 continue
             row = {"impl": name, "dtype": dtype, **r}
-            int8 = name.endswith("int8")
-            for n in (1, 4):
-                bytes_step = decode_bytes_per_step(cfg, el_dtype, 2 * n, ctx, int8=int8)
-                row[f"roofline_n{n}"] = (bytes_step / bw) / (r[f"image_step_ms_n{n}"] / 1e3)
-            tb = decode_bytes_per_step(cfg, el_dtype, 1, r["prompt_tokens"], text=True, int8=int8)
-            row["text_roofline"] = (tb / bw) * r["text_tok_s"]
+            row["roofline_n1"], row["roofline_n4"], row["text_roofline"] = _rooflines(
+                r, step_bytes(dtype, name.endswith("int8")), ctx, bw, bw, bw)
             if dtype in peaks:
                 row["prefill_gflop_s"] = flops / (r["prefill_ms"] / 1e3) / 1e9
                 row["prefill_peak"] = row["prefill_gflop_s"] * 1e9 / peaks[dtype]
@@ -483,15 +475,23 @@ def main():
         tmp.cleanup()
 
 
-def _own_rooflines(r: dict, cfg, el_dtype, ctx: int, int8: bool) -> None:
+def _rooflines(r: dict, step_bytes: tuple[int, int, int], ctx: int, bw_n1: float, bw_n4: float,
+               bw_text: float) -> tuple[float, float, float]:
+    """A run's fractions of the roofline (image n=1, image n=4, text): the time a step's bytes (`decode_step_bytes`
+    of its dtype and mode; image steps at KV length ctx, text steps at the prompt's) take at the given read bandwidth
+    (bytes/s), over the step's time."""
+    image, text, kv = step_bytes
+    return ((image + kv * 2 * ctx) / bw_n1 / (r["image_step_ms_n1"] / 1e3),
+            (image + kv * 8 * ctx) / bw_n4 / (r["image_step_ms_n4"] / 1e3),
+            (text + kv * r["prompt_tokens"]) / bw_text * r["text_tok_s"])
+
+
+def _own_rooflines(r: dict, step_bytes: tuple[int, int, int], ctx: int) -> None:
     """Each run's fractions of the roofline against its own weight-read probe (`weight_read_bandwidth`, taken just
     before and after the same measurement in the same process), per run, before the best of the runs is kept: the
     shared machine's bandwidth swings by 2x within an hour, so a probe minutes away can put a fraction anywhere."""
-    for n in (1, 4):
-        b = decode_bytes_per_step(cfg, el_dtype, 2 * n, ctx, int8=int8)
-        r[f"own_roofline_n{n}"] = b / (r[f"read_gb_s_n{n}"] * 1e9) / (r[f"image_step_ms_n{n}"] / 1e3)
-    b = decode_bytes_per_step(cfg, el_dtype, 1, r["prompt_tokens"], text=True, int8=int8)
-    r["own_text_roofline"] = b / (r["read_gb_s_text"] * 1e9) * r["text_tok_s"]
+    own = _rooflines(r, step_bytes, ctx, *(r[k] * 1e9 for k in ("read_gb_s_n1", "read_gb_s_n4", "read_gb_s_text")))
+    r["own_roofline_n1"], r["own_roofline_n4"], r["own_text_roofline"] = own
 
 
 def _print_table(rows):
