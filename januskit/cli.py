@@ -48,7 +48,8 @@ def cmd_chat(args) -> int:
     janus = _load(args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.prompt is not None:
-        print(janus.chat(args.prompt, images=args.image, **kw).text)
+        # The reply keeps the tokenizer's leading space (" 3"), as the official decode does; print the answer itself.
+        print(janus.chat(args.prompt, images=args.image, **kw).text.strip())
         return 0
     # Interactive loop: the conversation grows turn by turn; images attach to the first question.
     messages: list[dict] = []
@@ -69,11 +70,13 @@ def cmd_chat(args) -> int:
             turn["content"] = "<image_placeholder>\n" * len(images) + content
             turn["images"], images = images, []
         messages.append(turn)
-        pieces = []
+        pieces, shown = [], ""
         print("janus> ", end="", flush=True)
         for piece in janus.stream_chat(messages=messages + [{"role": "<|Assistant|>", "content": ""}], **kw):
             pieces.append(piece)
-            print(piece, end="", flush=True)
+            out = piece if shown else piece.lstrip()  # no leading space before the answer
+            shown += out
+            print(out, end="", flush=True)
         print()
         messages.append({"role": "<|Assistant|>", "content": "".join(pieces)})
 

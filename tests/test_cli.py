@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from PIL import Image
 
@@ -68,3 +69,17 @@ def test_interactive_chat_loop():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("janus> ") == 2
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "januskit" / "assets" / "examples" / "three_shapes.png"
+
+
+def test_chat_prints_the_bare_answer(capsys):
+    # The bundled model's reply decodes as " 3" (the tokenizer's leading space, kept in the API as the official
+    # decode keeps it); the terminal gets the answer alone, one-shot and interactive.
+    assert main(["chat", "--image", str(EXAMPLE), "How many shapes are there?"]) == 0
+    assert capsys.readouterr().out == "3\n"
+    r = subprocess.run([sys.executable, "-m", "januskit.cli", "chat", "--image", str(EXAMPLE)],
+                       input="How many shapes are there?\nexit\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "janus> 3\n" in r.stdout, r.stdout
