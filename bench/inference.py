@@ -247,7 +247,8 @@ def worker_januskit(args) -> dict:
     from januskit import Janus
     from januskit.generate import generate_image_tokens, generate_text
 
-    janus = Janus.from_pretrained(Path(args.ckpt) / "official", device=args.device, dtype=args.dtype)
+    janus = Janus.from_pretrained(Path(args.ckpt) / "official", device=args.device, dtype=args.dtype,
+                                  compile=args.compiled)
     if args.int8:
         from januskit.quant import quantize_int8
 
@@ -259,9 +260,12 @@ def worker_januskit(args) -> dict:
         cond, uncond = p.generation_ids("a red circle above a blue square")
 
         def run(steps):
-            return generate_image_tokens(m, [cond], [uncond], p.pad_id, n=n, temperature=1.0,
-                                         generator=torch.Generator(device=args.device).manual_seed(0), num_tokens=steps)
+            gen = torch.Generator(device=args.device).manual_seed(0)
+            return generate_image_tokens(m, [cond], [uncond], p.pad_id, n=n, temperature=1.0, generator=gen,
+                                         num_tokens=steps, compiled=janus.compile)
 
+        if janus.compile:
+            run(args.steps + 1)  # compiles the graph of the timed run's cache size (`_marginal` warms up the other)
         (step, _), bw = _around(lambda: _marginal(run, args.steps, args.device), layers, args.device)
         res[f"image_step_ms_n{n}"], res[f"image_tok_s_n{n}"] = step * 1e3, n / step
         res[f"read_gb_s_n{n}"] = bw / 1e9
@@ -273,10 +277,13 @@ def worker_januskit(args) -> dict:
         with torch.inference_mode():
             t0 = time.perf_counter()
             embeds = m.embed(batch.input_ids, batch.image_mask, batch.pixel_values)
-            for _ in generate_text(m, embeds, batch.attention_mask, eos_id=-1, max_new_tokens=k):
+            for _ in generate_text(m, embeds, batch.attention_mask, eos_id=-1, max_new_tokens=k,
+                                   compiled=janus.compile):
                 stamps.append(time.perf_counter())
         return t0, stamps
 
+    if janus.compile:
+        prefill_and_decode(args.text_steps + 1)
     (prefill, step), bw = _around(lambda: _stream_times(prefill_and_decode, args.text_steps), layers, args.device)
     res.update(prefill_ms=prefill * 1e3, text_tok_s=1 / step, prompt_tokens=len(enc.input_ids), read_gb_s_text=bw / 1e9)
     return res
@@ -370,10 +377,11 @@ def _best_of(a: dict, b: dict) -> dict:
     return out
 
 
-def run_worker(impl: str, dtype: str, args, int8: bool = False) -> dict:
+def run_worker(impl: str, dtype: str, args, variant: str = "") -> dict:
+    """One implementation in its own process; `variant` "int8" or "compiled" (januskit's)."""
     cmd = [sys.executable, __file__, "--worker", impl, "--ckpt", str(args.ckpt), "--dtype", dtype,
            "--device", args.device, "--steps", str(args.steps), "--text-steps", str(args.text_steps),
-           "--threads", str(args.threads)] + (["--int8"] if int8 else [])
+           "--threads", str(args.threads)] + ([f"--{variant}"] if variant else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -390,10 +398,13 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--ckpt", default=None, help="where to write the random checkpoint (default: a temp dir)")
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also januskit with compiled decode steps (`compile=True`: CUDA graphs on a GPU)")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each implementation, alternated; best figures kept")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
     ap.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -430,18 +441,20 @@ def main():
     rows = []
     all_runs = []
     for dtype in args.dtypes.split(","):
-        impls = [("januskit", False), ("transformers", False)]
+        impls = [("januskit", ""), ("transformers", "")]
         if not args.no_int8 and dtype == "bfloat16":
-            impls.append(("januskit", True))
+            impls.append(("januskit", "int8"))
+        if args.compile:
+            impls.append(("januskit", "compiled"))
         # Alternate the implementations `--repeat` times and keep each one's best figures: the shared machine's
         # bandwidth drifts by ~10% over minutes, and best-of-N in alternation keeps the ratios fair.
         best: dict[str, dict] = {}
         for _ in range(args.repeat):
-            for impl, int8 in impls:
-                name = impl + ("-int8" if int8 else "")
-                r = run_worker(impl, dtype, args, int8=int8)
+            for impl, variant in impls:
+                name = impl + (f"-{variant}" if variant else "")
+                r = run_worker(impl, dtype, args, variant)
                 if "error" not in r:
-                    _own_rooflines(r, step_bytes(dtype, int8), ctx)
+                    _own_rooflines(r, step_bytes(dtype, variant == "int8"), ctx)
                 best[name] = r if name not in best or "error" in best[name] else _best_of(best[name], r)
         all_runs.append((dtype, best))
     # Read bandwidth before and after the workers, the higher of the two: a roofline below what was reached

@@ -162,7 +162,7 @@ class Janus:
     OFFLOADABLE = ("vision_model", "aligner", "gen_vision_model")
 
     def __init__(self, model: JanusModel, processor: JanusProcessor, device="cpu", dtype=torch.float32,
-                 low_memory: bool = False, generation: GenerationDefaults | None = None):
+                 low_memory: bool = False, generation: GenerationDefaults | None = None, compile: bool = False):
         self.model = model.eval()
         self.generation = generation or GenerationDefaults()
         self.processor = processor
@@ -170,6 +170,9 @@ class Janus:
         self.device = torch.device(device)
         self.dtype = dtype
         self.low_memory = low_memory
+        # Decode steps compiled at fixed shapes, CUDA graphs on GPUs (`generate` module docstring). On CPUs with
+        # AVX-512 BF16 the eager steps run januskit's kernels, which a compiled step cannot use.
+        self.compile = compile
 
     @contextlib.contextmanager
     def _resident(self, *names: str):
@@ -191,11 +194,12 @@ class Janus:
     # ------------------------------------------------------------------------------------------ files
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device="cpu", dtype=torch.float32,
-                        low_memory: bool = False) -> "Janus":
+                        low_memory: bool = False, compile: bool = False) -> "Janus":
         """Load a checkpoint directory (official or transformers layout), a hub id, or the bundled model.
 
         `low_memory=True` keeps the understanding encoder and the VQ tokenizer on the CPU and moves each onto
-        the device only while it runs, so the device holds little more than the language model.
+        the device only while it runs, so the device holds little more than the language model. `compile=True`
+        compiles the decode steps (CUDA graphs on GPUs; the first call of each prompt-length class compiles).
         """
         directory = resolve_model_path(path)
         device, dtype = resolve_device(device), resolve_dtype(dtype)
@@ -211,7 +215,7 @@ class Janus:
         except (ConfigError, weights.CheckpointError, ProcessorError) as e:
             raise JanusError(str(e)) from None
         return cls(model, processor, device, dtype, low_memory=low_memory,
-                   generation=GenerationDefaults.read(directory))
+                   generation=GenerationDefaults.read(directory), compile=compile)
 
     def save_pretrained(self, directory: str | os.PathLike, layout: str = "official") -> Path:
         """Write config, weights and processor files in the official or the transformers (`hf`) layout."""
@@ -289,7 +293,7 @@ class Janus:
         embeds, attn = self._prompt_embeds(encoded, max_new_tokens)
         gen = _generator(seed, self.device)
         steps = generate_text(self.model, embeds, attn, self.processor.eos_id, max_new_tokens, temperature,
-                              top_k, top_p, gen)
+                              top_k, top_p, gen, compiled=self.compile)
         return encoded, steps
 
     def chat(self, prompt: str | None = None, images=None, messages=None, max_new_tokens: int = 256,
@@ -371,7 +375,7 @@ class Janus:
             self.model, list(cond), list(uncond), self.processor.pad_id, n=n, cfg_weight=decoding.cfg_weight,
             cfg_cutoff=decoding.cfg_cutoff, temperature=temperature, top_k=top_k, top_p=top_p,
             generator=_generator(seed, self.device),
-            num_tokens=num, on_step=on_step,
+            num_tokens=num, on_step=on_step, compiled=self.compile,
         )
         images = self.decode_image_tokens(tokens)
         return ImageResult(images, tokens.cpu(), [p for p in prompts for _ in range(n)])

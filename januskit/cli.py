@@ -16,12 +16,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true", help="int8 weight-only decoder (faster, memory-bound decoding)")
     p.add_argument("--low-memory", action="store_true",
                    help="keep the image encoder and VQ decoder on the CPU except while they run")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled decode steps, CUDA graphs on a GPU (the first call compiles; see the README)")
 
 
 def _load(args):
     from .api import Janus
 
-    janus = Janus.from_pretrained(args.model, device=args.device, dtype=args.dtype, low_memory=args.low_memory)
+    janus = Janus.from_pretrained(args.model, device=args.device, dtype=args.dtype, low_memory=args.low_memory,
+                                  compile=args.compile)
     return janus.quantize_int8() if args.int8 else janus
 
 

@@ -2,6 +2,11 @@
 
 Both loops run over a preallocated `KVCache`, prefill the prompt once, then feed one token per step. They know
 nothing about tokenization: ids and embeddings in, ids out.
+
+`compiled=True` runs each decode step at fixed shapes through torch.compile (`_static_step`): the cache is made
+static after the prefill, so every step of every prompt whose padded length rounds to the same cache size reuses
+one graph, and on CUDA that graph is replayed as a CUDA graph (mode "reduce-overhead"). A decode step of a 1B model
+launches a few hundred small kernels; on a GPU their launch overhead, not the weights' bytes, sets its time.
 """
 
 from __future__ import annotations
@@ -24,6 +29,32 @@ def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
         ids[i, T - len(r):] = r
         mask[i, T - len(r):] = 1
     return ids, mask
+
+
+_STATIC_ROUND = 64  # static caches round their length up to this, so that prompts of similar length share a graph
+_compiled_steps: dict = {}
+
+
+def _static_step(model: JanusModel, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                 cache: KVCache, head: str) -> torch.Tensor:
+    """One decode step over a static cache: embeds (B, 1, D), positions (B, 1), valid (B, max_len) bool (real
+    prompt tokens and every generated position) -> logits (B, V) of the `head` ("image" or "text")."""
+    written = torch.arange(cache.max_len, device=valid.device) <= cache.slot  # (max_len,): up to this step's slot
+    mask = (valid & written)[:, None, None, :]  # (B, 1, 1, max_len)
+    hidden = model.decoder(embeds, positions=positions, cache=cache, mask=mask)[:, -1]
+    return model.gen_head(hidden) if head == "image" else model.language_model.lm_head(hidden)
+
+
+def _compiled_step(device: torch.device):
+    """`_static_step` under torch.compile: one compiled function per device type (its graphs are cached by shape)."""
+    if device.type not in _compiled_steps:
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs where there are launches to save
+        _compiled_steps[device.type] = torch.compile(_static_step, fullgraph=True, dynamic=False, mode=mode)
+    return _compiled_steps[device.type]
+
+
+def _cache_len(length: int, compiled: bool) -> int:
+    return -(-length // _STATIC_ROUND) * _STATIC_ROUND if compiled else length
 
 
 class _Masks:
@@ -50,6 +81,12 @@ class _Masks:
         mask = self.full[:, None, None, : length + 1].bool() if self.padded else None
         return mask, pos
 
+    def static_valid(self, max_len: int) -> torch.Tensor:
+        """(B, max_len) bool over a static cache: the real prompt tokens and every position generated."""
+        valid = self.full.new_zeros(self.full.shape[0], max_len, dtype=torch.bool)
+        valid[:, : self.full.shape[1]] = self.full.bool()
+        return valid
+
 
 @torch.inference_mode()
 def generate_image_tokens(
@@ -66,11 +103,13 @@ def generate_image_tokens(
     generator: torch.Generator | None = None,
     num_tokens: int | None = None,
     on_step=None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Sample `n` images per prompt with CFG. Returns VQ codes (len(cond_ids) * n, num_tokens), prompt-major.
 
     The P conditional and P unconditional prompts are prefilled once; the cache is then repeated to n rows
     per prompt, giving the doubled batch of 2 * P * n rows that `cfg_merge` expects (conditional rows first).
+    `compiled`: the decode steps run compiled at fixed shapes (module docstring).
     """
     P = len(cond_ids)
     num_tokens = num_tokens or model.config.image_tokens_per_image
@@ -79,7 +118,8 @@ def generate_image_tokens(
     ids, attn = left_pad(list(cond_ids) + list(uncond_ids), pad_id)  # (2P, T)
     ids, attn = ids.to(device), attn.to(device)
     masks = _Masks(attn, num_tokens)
-    cache = KVCache(model.config.llm, 2 * P, ids.shape[1] + num_tokens, device=device, dtype=dtype)
+    cache = KVCache(model.config.llm, 2 * P, _cache_len(ids.shape[1] + num_tokens, compiled), device=device,
+                    dtype=dtype)
     hidden = model.decoder(model.embed(ids), positions=masks.prompt_positions, cache=cache, mask=masks.prompt_mask(),
                            last_only=True)
     if n > 1:
@@ -88,9 +128,12 @@ def generate_image_tokens(
         cache.reorder(rows)
         hidden = hidden[rows]
         masks.full, masks.next_pos = masks.full[rows], masks.next_pos[rows]
+    if compiled:
+        cache.make_static()
+        step, valid = _compiled_step(device), masks.static_valid(cache.max_len)
     out = torch.empty((P * n, num_tokens), dtype=torch.long, device=device)
+    logits = model.gen_head(hidden[:, -1])  # (2R, V)
     for i in range(num_tokens):
-        logits = model.gen_head(hidden[:, -1])  # (2R, V)
         tok = sample(cfg_merge(logits, cfg_weight, cfg_cutoff), temperature, top_k, top_p, generator)  # (R,)
         out[:, i] = tok
         if on_step is not None:
@@ -98,8 +141,12 @@ def generate_image_tokens(
         if i + 1 == num_tokens:
             break
         embeds = model.embed_image_codes(torch.cat([tok, tok]))[:, None]  # (2R, 1, D)
-        mask, pos = masks.step(cache.length)
-        hidden = model.decoder(embeds, positions=pos, cache=cache, mask=mask)
+        if compiled:
+            logits = step(model, embeds, masks.next_pos, valid, cache, "image")
+            masks.next_pos = masks.next_pos + 1
+        else:
+            mask, pos = masks.step(cache.length)
+            logits = model.gen_head(model.decoder(embeds, positions=pos, cache=cache, mask=mask)[:, -1])
     return out
 
 
@@ -114,27 +161,37 @@ def generate_text(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    compiled: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) per step for a left-padded batch of prompt embeddings (B, T, D).
 
     A row is finished after it produced `eos_id` (which is yielded); finished rows keep producing `eos_id`.
-    Stops when every row is finished or after `max_new_tokens`.
+    Stops when every row is finished or after `max_new_tokens`. `compiled`: as for images (module docstring).
     """
     B, T, _ = embeds.shape
     device = embeds.device
     attention_mask = attention_mask.to(device)
     masks = _Masks(attention_mask, max_new_tokens)
-    cache = KVCache(model.config.llm, B, T + max_new_tokens, device=device, dtype=embeds.dtype)
+    cache = KVCache(model.config.llm, B, _cache_len(T + max_new_tokens, compiled), device=device, dtype=embeds.dtype)
     hidden = model.decoder(embeds, positions=masks.prompt_positions, cache=cache, mask=masks.prompt_mask(),
                            last_only=True)
+    if compiled:
+        cache.make_static()
+        step, valid = _compiled_step(device), masks.static_valid(cache.max_len)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model.language_model.lm_head(hidden[:, -1])  # (B, V)
     for i in range(max_new_tokens):
-        logits = model.language_model.lm_head(hidden[:, -1])  # (B, V)
         tok = sample(logits, temperature, top_k, top_p, generator)
         tok = torch.where(finished, torch.full_like(tok, eos_id), tok)
         finished = finished | (tok == eos_id)
         yield tok, finished
         if bool(finished.all()) or i + 1 == max_new_tokens:
             return
-        mask, pos = masks.step(cache.length)
-        hidden = model.decoder(model.decoder.embed_tokens(tok)[:, None], positions=pos, cache=cache, mask=mask)
+        step_embeds = model.decoder.embed_tokens(tok)[:, None]  # (B, 1, D)
+        if compiled:
+            logits = step(model, step_embeds, masks.next_pos, valid, cache, "text")
+            masks.next_pos = masks.next_pos + 1
+        else:
+            mask, pos = masks.step(cache.length)
+            logits = model.language_model.lm_head(
+                model.decoder(step_embeds, positions=pos, cache=cache, mask=mask)[:, -1])

@@ -54,6 +54,10 @@ class KVCache:
 
     Passed explicitly to the decoder; `length` is the number of positions already written. The decoder
     writes the new positions and advances `length` after its last layer.
+
+    After `make_static()` the cache keeps fixed shapes for a compiled decode step (a CUDA graph on GPUs): a step
+    writes at the position held in the tensor `slot` and reads the whole cache, its attention mask hiding what is
+    not written yet, and the decoder advances `slot` instead of `length`.
     """
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -63,20 +67,44 @@ class KVCache:
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0
+        self.slot: torch.Tensor | None = None  # (1,) long once static
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def make_static(self) -> None:
+        """From here on, one position a step at `slot` (starting at `length`) over the whole cache (see above)."""
+        # Masked keys still enter the products (weight 0): unwritten memory must not hold NaN or inf.
+        self.k[:, :, :, self.length:].zero_()
+        self.v[:, :, :, self.length:].zero_()
+        self.slot = torch.tensor([self.length], device=self.k.device)
+        # Tensors mutated in place by a CUDA graph must keep their addresses across replays.
+        torch._dynamo.mark_static_address(self.k)
+        torch._dynamo.mark_static_address(self.v)
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv, T, hd) at the current position; return all keys/values so far."""
+        """Store k, v (B, n_kv, T, hd) at the current position; return all keys/values so far (static: the whole
+        cache)."""
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def advance(self, t: int) -> None:
+        if self.slot is not None:
+            self.slot += t  # in place: part of the compiled step
+        else:
+            self.length += t
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep (and repeat) batch rows by index, e.g. to expand one prompt into n samples."""
+        if self.slot is not None:
+            raise RuntimeError("KVCache.reorder: a static cache keeps its tensors (reorder before make_static)")
         self.k = self.k[:, index]
         self.v = self.v[:, index]
 
@@ -268,14 +296,15 @@ class LlamaDecoder(nn.Module):
 
         positions: (B, T) RoPE positions, default `cache.length + arange(T)`.
         mask: bool attention mask (B, 1, T, S), True = attend, S = cached + new positions; default causal.
-        cache: written at `cache.length` and advanced by T.
+        cache: written at `cache.length` and advanced by T (a static cache: at `cache.slot`, T = 1, positions and
+        mask given).
         last_only: hidden (B, 1, D) of the last position only, for a prompt whose next token is all that is wanted:
         the last block computes keys and values for every position and the rest (q, attention, o_proj, MLP) for
         the last one (janus-pro-1b, a 755-token understanding prompt: ~3% of the prefill's FLOPs saved).
         """
         B, T, _ = embeds.shape
-        start = cache.length if cache is not None else 0
         if positions is None:
+            start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=embeds.device)[None].expand(B, T)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
         x = embeds
@@ -289,7 +318,7 @@ class LlamaDecoder(nn.Module):
             else:
                 x = block(x, cos, sin, mask, cache, **last)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.norm(x)
 
 

@@ -154,9 +154,10 @@ def read_sum(a: torch.Tensor, prefetch: bool = True) -> float:
 
 
 def fast_path(x: torch.Tensor) -> bool:
-    """Whether a decode-step tensor can take the kernels: bf16 on the CPU, no autograd, kernels built."""
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and x.requires_grad)
-            and _load() is not None)
+    """Whether a decode-step tensor can take the kernels: bf16 on the CPU, no autograd, kernels built, and not
+    inside torch.compile (the kernels are opaque to it: a compiled step runs torch's own ops)."""
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and not (torch.is_grad_enabled() and x.requires_grad) and _load() is not None)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:

@@ -12,6 +12,8 @@ def add_cli(sub) -> None:
     p.add_argument("--allow-remote-urls", action="store_true", help="let image_url fetch http(s) URLs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled decode steps, CUDA graphs on a GPU (each batch size and prompt length compiles once)")
     p.add_argument("--max-n", type=int, default=4, help="most images per generation request")
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens per chat request")
     p.set_defaults(func=run)
@@ -25,7 +27,7 @@ def run(args) -> int:
     from ..api import Janus
     from .app import Settings, create_app
 
-    janus = Janus.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    janus = Janus.from_pretrained(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     name = janus.config.name if args.model is None else str(args.model).rstrip("/").split("/")[-1]
     settings = Settings(model_name=name, api_key=args.api_key, allow_remote_urls=args.allow_remote_urls,
                         max_n=args.max_n, max_tokens=args.max_tokens)

@@ -1,0 +1,92 @@
+"""Compiled decode steps (`Janus(..., compile=True)`): fixed shapes over a static KV cache, the same tokens as the
+eager loop and the official reference.
+
+On a GPU these steps replay as CUDA graphs; here torch.compile's CPU backend compiles the same graphs, so what is
+checked is what they compute, and that all the steps of a generation (and of the next prompt of a similar
+length) reuse one graph, which is what lets a CUDA graph be captured once and replayed.
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from januskit import Janus
+from januskit.generate import _cache_len
+from januskit.llama import KVCache
+
+from conftest import OFFICIAL_TINY
+
+
+@pytest.fixture(scope="module")
+def compiled_janus(official_tiny_dir):
+    return Janus.from_pretrained(official_tiny_dir, dtype=torch.float32, compile=True)
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_greedy_cfg_image_tokens_match_the_official_with_one_graph(compiled_janus, reference):
+    t2i = reference["json"]["t2i"]
+    before = graphs()
+    out = compiled_janus.generate_images(t2i["prompt"], n=1, cfg_weight=t2i["cfg_weight"], temperature=0)
+    assert out.tokens[0].tolist() == t2i["greedy_tokens"]
+    assert graphs() - before == 1  # 575 decode steps, one graph
+
+
+def test_batched_prompts_and_n_equal_the_eager_loop(compiled_janus, reference):
+    t2i = reference["json"]["t2i"]
+    prompts = [t2i["prompt"], "a circle"]  # left padding, and n = 2 rows a prompt after one prefill
+    compiled = compiled_janus.generate_images(prompts, n=2, temperature=0)
+    compiled_janus.compile = False
+    try:
+        eager = compiled_janus.generate_images(prompts, n=2, temperature=0)
+    finally:
+        compiled_janus.compile = True
+    assert torch.equal(compiled.tokens, eager.tokens)
+    assert compiled.tokens[0].tolist() == t2i["greedy_tokens"]
+
+    # Prompts of another length whose cache rounds to the same size take the same graph.
+    lengths = [len(compiled_janus.processor.generation_ids(p)[0]) for p in ("a red circle", "a big red circle")]
+    assert lengths[0] != lengths[1] and _cache_len(lengths[0] + 576, True) == _cache_len(lengths[1] + 576, True)
+    compiled_janus.generate_images("a red circle", temperature=0)
+    before = graphs()
+    compiled_janus.generate_images("a big red circle", temperature=0)
+    assert graphs() == before
+
+
+def test_seeded_sampling_is_reproducible(compiled_janus):
+    a = compiled_janus.generate_images("a red circle", n=2, seed=3)
+    b = compiled_janus.generate_images("a red circle", n=2, seed=3)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens[0], a.tokens[1])
+
+
+def test_greedy_answers_match_the_official(compiled_janus, reference):
+    cases = reference["json"]["cases"]
+    convs = []
+    for name in ("single", "multi"):
+        convs.append([{**m, **({"images": [str(OFFICIAL_TINY / p) for p in m["images"]]} if "images" in m else {})}
+                      for m in cases[name]["conversation"]])
+    replies = compiled_janus.chat_batch(convs, max_new_tokens=12, temperature=0)
+    assert [r.token_ids for r in replies] == [cases["single"]["greedy_new_tokens"], cases["multi"]["greedy_new_tokens"]]
+    streamed = "".join(compiled_janus.stream_chat(messages=convs[0], max_new_tokens=12))
+    assert streamed == replies[0].text
+
+
+def test_static_cache_refuses_reorder(tiny_model):
+    cache = KVCache(tiny_model.config.llm, 2, 8)
+    cache.make_static()
+    assert cache.slot.tolist() == [0] and not cache.k.isnan().any()
+    with pytest.raises(RuntimeError, match="make_static"):
+        cache.reorder(torch.tensor([0, 0, 1, 1]))
+
+
+def test_bf16_on_the_kernels_cpu_compiles_torch_ops_and_draws_the_same():
+    # In bf16 on a CPU with AVX-512 BF16 the eager steps run januskit's C++ kernels, which torch.compile cannot
+    # trace (fullgraph would fail); inside a compiled step they step aside for torch's own ops.
+    janus = Janus.from_pretrained(dtype=torch.bfloat16)  # the bundled model
+    prompts = ["a red circle above a blue square", "a green triangle"]
+    eager = janus.generate_images(prompts, temperature=0)
+    janus.compile = True
+    compiled = janus.generate_images(prompts, temperature=0)
+    assert torch.equal(compiled.tokens, eager.tokens)
