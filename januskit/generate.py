@@ -48,8 +48,16 @@ def _static_step(model: JanusModel, embeds: torch.Tensor, positions: torch.Tenso
 def _compiled_step(device: torch.device):
     """`_static_step` under torch.compile: one compiled function per device type (its graphs are cached by shape)."""
     if device.type not in _compiled_steps:
-        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs where there are launches to save
-        _compiled_steps[device.type] = torch.compile(_static_step, fullgraph=True, dynamic=False, mode=mode)
+        if device.type == "cuda":  # CUDA graphs, where a step's launches cost more than its work
+            compiled = torch.compile(_static_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+
+            def step(*args):
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: reuse its memory
+                return compiled(*args)
+
+            _compiled_steps[device.type] = step
+        else:
+            _compiled_steps[device.type] = torch.compile(_static_step, fullgraph=True, dynamic=False)
     return _compiled_steps[device.type]
 
 

@@ -79,9 +79,10 @@ class KVCache:
         self.k[:, :, :, self.length:].zero_()
         self.v[:, :, :, self.length:].zero_()
         self.slot = torch.tensor([self.length], device=self.k.device)
-        # Tensors mutated in place by a CUDA graph must keep their addresses across replays.
-        torch._dynamo.mark_static_address(self.k)
-        torch._dynamo.mark_static_address(self.v)
+        # Tensors a CUDA graph mutates in place must keep their addresses across replays (inputs it mutates that are
+        # not marked so make torch.compile skip the graph).
+        for t in (self.k, self.v, self.slot):
+            torch._dynamo.mark_static_address(t)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv, T, hd) at the current position; return all keys/values so far (static: the whole
