@@ -57,7 +57,8 @@ def conformance(fixture: Path, device: torch.device) -> dict:
         janus = Janus.from_pretrained(fixture, device=device, dtype=torch.float32, compile=compiled)
         tokens = janus.generate_images(ref["prompt"], cfg_weight=ref["cfg_weight"], temperature=0).tokens[0].tolist()
         same = sum(a == b for a, b in zip(tokens, ref["greedy_tokens"]))
-        out["compiled" if compiled else "eager"] = f"{same}/{len(ref['greedy_tokens'])} greedy tokens as the reference"
+        want = len(ref["greedy_tokens"])
+        out["compiled" if compiled else "eager"] = f"{same}/{want} greedy tokens as the reference"
     return out
 
 

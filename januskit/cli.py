@@ -17,7 +17,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-memory", action="store_true",
                    help="keep the image encoder and VQ decoder on the CPU except while they run")
     p.add_argument("--compile", action="store_true",
-                   help="compiled decode steps: CUDA graphs on a GPU (on CPUs the bf16 kernels are faster; see the README)")
+                   help="compiled decode steps: CUDA graphs on a GPU (on CPUs the bf16 kernels are faster)")
 
 
 def _load(args):

@@ -68,7 +68,7 @@ def test_greedy_answers_match_the_official(compiled_janus, reference):
         convs.append([{**m, **({"images": [str(OFFICIAL_TINY / p) for p in m["images"]]} if "images" in m else {})}
                       for m in cases[name]["conversation"]])
     replies = compiled_janus.chat_batch(convs, max_new_tokens=12, temperature=0)
-    assert [r.token_ids for r in replies] == [cases["single"]["greedy_new_tokens"], cases["multi"]["greedy_new_tokens"]]
+    assert [r.token_ids for r in replies] == [cases[name]["greedy_new_tokens"] for name in ("single", "multi")]
     streamed = "".join(compiled_janus.stream_chat(messages=convs[0], max_new_tokens=12))
     assert streamed == replies[0].text
 
