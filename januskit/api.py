@@ -199,7 +199,7 @@ class Janus:
 
         `low_memory=True` keeps the understanding encoder and the VQ tokenizer on the CPU and moves each onto
         the device only while it runs, so the device holds little more than the language model. `compile=True`
-        compiles the decode steps (CUDA graphs on GPUs; the first call of each prompt-length class compiles).
+        compiles the decode steps (CUDA graphs on GPUs; the first calls compile, see `generate._compiled_step`).
         """
         directory = resolve_model_path(path)
         device, dtype = resolve_device(device), resolve_dtype(dtype)

@@ -5,8 +5,9 @@ nothing about tokenization: ids and embeddings in, ids out.
 
 `compiled=True` runs each decode step at fixed shapes through torch.compile (`_static_step`): the cache is made
 static after the prefill, so every step of every prompt whose padded length rounds to the same cache size reuses
-one graph, and on CUDA that graph is replayed as a CUDA graph (mode "reduce-overhead"). A decode step of a 1B model
-launches a few hundred small kernels; on a GPU their launch overhead, not the weights' bytes, sets its time.
+one graph (other sizes: `_compiled_step`), and on CUDA that graph is replayed as a CUDA graph (mode
+"reduce-overhead"). A decode step of a 1B model launches a few hundred small kernels; on a GPU their launch
+overhead, not the weights' bytes, sets its time.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ def _static_step(model: JanusModel, embeds: torch.Tensor, positions: torch.Tenso
 
 
 def _compiled_step(device: torch.device):
-    """`_static_step` under torch.compile: one compiled function per device type (its graphs are cached by shape)."""
+    """`_static_step` under torch.compile, one per device type. Shapes start static; a second batch size or cache
+    length recompiles the step with that size symbolic (torch.compile's automatic dynamic shapes), so a long-running
+    process (the server) compiles a few times and never meets torch.compile's recompilation limit, while CUDA
+    graphs are still recorded per concrete shape."""
     if device.type not in _compiled_steps:
         if device.type == "cuda":  # CUDA graphs, where a step's launches cost more than its work
-            compiled = torch.compile(_static_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+            compiled = torch.compile(_static_step, fullgraph=True, mode="reduce-overhead")
 
             def step(*args):
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: reuse its memory
@@ -57,7 +61,7 @@ def _compiled_step(device: torch.device):
 
             _compiled_steps[device.type] = step
         else:
-            _compiled_steps[device.type] = torch.compile(_static_step, fullgraph=True, dynamic=False)
+            _compiled_steps[device.type] = torch.compile(_static_step, fullgraph=True)
     return _compiled_steps[device.type]
 
 

@@ -80,9 +80,10 @@ class KVCache:
         self.v[:, :, :, self.length:].zero_()
         self.slot = torch.tensor([self.length], device=self.k.device)
         # Tensors a CUDA graph mutates in place must keep their addresses across replays (inputs it mutates that are
-        # not marked so make torch.compile skip the graph).
+        # not marked so make torch.compile skip the graph). No guard on the address: a new cache is a new
+        # generation, for which the graph is re-recorded, not recompiled.
         for t in (self.k, self.v, self.slot):
-            torch._dynamo.mark_static_address(t)
+            torch._dynamo.mark_static_address(t, guard=False)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv, T, hd) at the current position; return all keys/values so far (static: the whole

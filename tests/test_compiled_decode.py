@@ -55,6 +55,22 @@ def test_batched_prompts_and_n_equal_the_eager_loop(compiled_janus, reference):
     assert graphs() == before
 
 
+def test_many_batch_sizes_and_lengths_stay_within_a_few_graphs(compiled_janus):
+    # A server meets every batch size and prompt length: after the first recompilation the sizes turn symbolic,
+    # so torch.compile never reaches its recompilation limit (with fullgraph=True that limit is a hard error).
+    from januskit.generate import generate_image_tokens
+
+    p = compiled_janus.processor
+    prompts = ["a circle", "a red circle", "a big red circle beside a small blue square " * 3]
+    before = graphs()
+    for i, n in enumerate(range(1, 11)):
+        cond, uncond = p.generation_ids(prompts[i % 3])
+        got = [generate_image_tokens(compiled_janus.model, [cond], [uncond], p.pad_id, n=n, temperature=0,
+                                     num_tokens=4, compiled=compiled) for compiled in (True, False)]
+        assert torch.equal(*got), n
+    assert graphs() - before <= 3
+
+
 def test_seeded_sampling_is_reproducible(compiled_janus):
     a = compiled_janus.generate_images("a red circle", n=2, seed=3)
     b = compiled_janus.generate_images("a red circle", n=2, seed=3)

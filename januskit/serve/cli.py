@@ -13,7 +13,7 @@ def add_cli(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--compile", action="store_true",
-                   help="compiled decode steps: CUDA graphs on a GPU (each batch size and prompt length compiles)")
+                   help="compiled decode steps: CUDA graphs on a GPU (the first requests compile)")
     p.add_argument("--max-n", type=int, default=4, help="most images per generation request")
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens per chat request")
     p.set_defaults(func=run)
