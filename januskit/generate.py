@@ -49,8 +49,8 @@ def _static_step(model: JanusModel, embeds: torch.Tensor, positions: torch.Tenso
 def _compiled_step(device: torch.device):
     """`_static_step` under torch.compile, one per device type. Shapes start static; a second batch size or cache
     length recompiles the step with that size symbolic (torch.compile's automatic dynamic shapes), so a long-running
-    process (the server) compiles a few times and never meets torch.compile's recompilation limit, while CUDA
-    graphs are still recorded per concrete shape."""
+    process (the server) compiles a few times, far from torch.compile's recompilation limit, while CUDA graphs are
+    still recorded per concrete shape."""
     if device.type not in _compiled_steps:
         if device.type == "cuda":  # CUDA graphs, where a step's launches cost more than its work
             compiled = torch.compile(_static_step, fullgraph=True, mode="reduce-overhead")
