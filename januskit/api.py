@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -19,7 +20,7 @@ import torch
 
 from . import hf_layout, weights
 from .config import ConfigError, JanusConfig
-from .generate import generate_image_tokens, generate_text
+from .generate import compile_unavailable, generate_image_tokens, generate_text
 from .janus import JanusModel
 from .processor import JanusProcessor, ProcessorError
 from .vq import to_pil
@@ -172,7 +173,10 @@ class Janus:
         self.low_memory = low_memory
         # Decode steps compiled at fixed shapes, CUDA graphs on GPUs (`generate` module docstring). On CPUs with
         # AVX-512 BF16 the eager steps run januskit's kernels, which a compiled step cannot use.
-        self.compile = compile
+        why = compile_unavailable(self.device) if compile else None
+        if why is not None:
+            logging.getLogger(__name__).warning("compile=True: %s; decoding stays eager", why)
+        self.compile = compile and why is None
 
     @contextlib.contextmanager
     def _resident(self, *names: str):

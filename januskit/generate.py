@@ -12,6 +12,8 @@ overhead, not the weights' bytes, sets its time.
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Iterator
 
 import torch
@@ -63,6 +65,23 @@ def _compiled_step(device: torch.device):
         else:
             _compiled_steps[device.type] = torch.compile(_static_step, fullgraph=True)
     return _compiled_steps[device.type]
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot run on `device` here (what its backend needs: a C++ compiler on the CPU, Triton on
+    a GPU), or None when it can."""
+    if device.type == "cpu":
+        compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+        if not any(shutil.which(c) for c in compilers):
+            return f"no C++ compiler ({', '.join(compilers)}) on PATH"
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton is not installed"
+    else:
+        return f"compiled steps are for cpu and cuda, not {device.type}"
+    return None
 
 
 def _cache_len(length: int, compiled: bool) -> int:

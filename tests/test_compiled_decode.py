@@ -106,3 +106,14 @@ def test_bf16_on_the_kernels_cpu_compiles_torch_ops_and_draws_the_same():
     janus.compile = True
     compiled = janus.generate_images(prompts, temperature=0)
     assert torch.equal(compiled.tokens, eager.tokens)
+
+
+def test_without_a_compiler_it_says_so_and_decodes_eagerly(official_tiny_dir, reference, monkeypatch, caplog):
+    monkeypatch.setattr("januskit.generate.shutil.which", lambda name: None)
+    with caplog.at_level("WARNING"):
+        janus = Janus.from_pretrained(official_tiny_dir, compile=True)
+    assert not janus.compile and "compile=True: no C++ compiler" in caplog.text
+    t2i = reference["json"]["t2i"]
+    before = graphs()
+    out = janus.generate_images(t2i["prompt"], cfg_weight=t2i["cfg_weight"], temperature=0)
+    assert out.tokens[0].tolist() == t2i["greedy_tokens"] and graphs() == before

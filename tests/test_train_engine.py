@@ -319,7 +319,7 @@ def test_compiled_training_matches_eager_and_inference_stays_eager(tmp_path):
 
 
 def test_compile_without_a_compiler_says_so_and_stays_eager(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr("januskit.train.loop.shutil.which", lambda name: None)
+    monkeypatch.setattr("januskit.generate.shutil.which", lambda name: None)
     with caplog.at_level("INFO"):
         run = setup(recipe(tmp_path, train__compile=True), DistEnv(), data=SyntheticData())
     assert run.model.decoder._compiled is None

@@ -12,9 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -109,15 +107,11 @@ def prepare_model(model: nn.Module, recipe: Recipe, env: DistEnv) -> tuple[nn.Mo
 def compile_decoder(model: nn.Module, device: torch.device) -> str:
     """`train.compile`: torch.compile the decoder blocks for training steps, where the backend has what it needs
     (a C++ compiler on the CPU, Triton on a GPU); returns the line to log."""
-    if device.type == "cpu":
-        compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
-        if not any(shutil.which(c) for c in compilers):
-            return f"train.compile: no C++ compiler ({', '.join(compilers)}) on PATH; training stays eager"
-    elif device.type == "cuda":
-        from torch.utils._triton import has_triton
+    from ..generate import compile_unavailable
 
-        if not has_triton():
-            return "train.compile: Triton is not installed; training stays eager"
+    why = compile_unavailable(device)
+    if why is not None:
+        return f"train.compile: {why}; training stays eager"
     model.decoder.compile_for_training()
     return f"train.compile: {len(model.decoder.layers)} decoder blocks compiled for training (the first steps compile)"
 
