@@ -400,6 +400,22 @@ class Janus:
         quantize_int8(self.model)
         return self
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """With `compile=True`, compile the decode steps now rather than in the first requests: a few short image
+        and text decodes at two batch sizes and two cache lengths, after which the compiled steps take other sizes
+        symbolically (`generate._compiled_step`). Does nothing for eager decoding."""
+        if not self.compile:
+            return
+        cond, uncond = self.processor.generation_ids("warm-up")
+        embeds = self.model.decoder.embed_tokens(cond.to(self.device)[None])  # (1, T, D): a text prompt
+        for n, steps in ((1, 2), (2, 2), (1, 130)):
+            generate_image_tokens(self.model, [cond], [uncond], self.processor.pad_id, n=n, num_tokens=steps,
+                                  compiled=True)
+            rows, mask = embeds.expand(n, -1, -1), torch.ones(n, embeds.shape[1], dtype=torch.long)
+            for _ in generate_text(self.model, rows, mask, eos_id=-1, max_new_tokens=steps, compiled=True):
+                pass
+
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in mod.parameters()) for name, mod in self.model.named_children()}
 

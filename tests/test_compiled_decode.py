@@ -117,3 +117,12 @@ def test_without_a_compiler_it_says_so_and_decodes_eagerly(official_tiny_dir, re
     before = graphs()
     out = janus.generate_images(t2i["prompt"], cfg_weight=t2i["cfg_weight"], temperature=0)
     assert out.tokens[0].tolist() == t2i["greedy_tokens"] and graphs() == before
+
+
+def test_warm_up_leaves_nothing_to_compile_for_requests(official_tiny_dir):
+    janus = Janus.from_pretrained(official_tiny_dir, compile=True)
+    janus.warm_up()
+    before = graphs()
+    janus.generate_images(["a red circle", "a big blue square beside a circle"], n=3, temperature=0)
+    janus.chat_batch([[{"role": "user", "content": "hello"}]] * 3, max_new_tokens=5)
+    assert graphs() == before

@@ -28,6 +28,7 @@ def run(args) -> int:
     from .app import Settings, create_app
 
     janus = Janus.from_pretrained(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
+    janus.warm_up()  # --compile: compile the decode steps before the first request, not during it
     name = janus.config.name if args.model is None else str(args.model).rstrip("/").split("/")[-1]
     settings = Settings(model_name=name, api_key=args.api_key, allow_remote_urls=args.allow_remote_urls,
                         max_n=args.max_n, max_tokens=args.max_tokens)
