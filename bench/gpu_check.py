@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inference import _processor  # noqa: E402  (the random checkpoints' byte-level tokenizer)
+from inference import _marginal, _processor, _timeit  # noqa: E402  (the benchmark's timing and tokenizer)
 
 from januskit import Janus  # noqa: E402
 from januskit.config import preset  # noqa: E402
@@ -34,11 +33,6 @@ from januskit.generate import generate_image_tokens  # noqa: E402
 from januskit.weights import build_on_meta, init_weights  # noqa: E402
 
 PROMPT = "a red circle above a blue square"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_janus(name: str, device: torch.device, dtype: torch.dtype, low_memory: bool = False) -> Janus:
@@ -70,17 +64,13 @@ def step_times(janus: Janus, steps: int, device: torch.device) -> dict:
         for n in (1, 4):
             def run(k):
                 gen = torch.Generator(device=device).manual_seed(0)
-                sync(device)
-                t = time.perf_counter()
-                generate_image_tokens(janus.model, [cond], [uncond], janus.processor.pad_id, n=n, generator=gen,
-                                      num_tokens=k, compiled=compiled)
-                sync(device)
-                return time.perf_counter() - t
+                return generate_image_tokens(janus.model, [cond], [uncond], janus.processor.pad_id, n=n,
+                                             generator=gen, num_tokens=k, compiled=compiled)
 
-            run(2), run(steps + 1)  # warm-up; compiles each cache size's graph when compiled
-            t1 = min(run(1) for _ in range(2))
-            tn = min(run(steps + 1) for _ in range(2))
-            out[f"{'compiled' if compiled else 'eager'}_step_ms_n{n}"] = round((tn - t1) / steps * 1e3, 2)
+            if compiled:
+                run(steps + 1)  # compiles the graph of the timed run's cache size (`_marginal` warms up the other)
+            step, _ = _marginal(run, steps, device)
+            out[f"{'compiled' if compiled else 'eager'}_step_ms_n{n}"] = round(step * 1e3, 2)
     for n in (1, 4):
         out[f"compiled_speedup_n{n}"] = round(out[f"eager_step_ms_n{n}"] / out[f"compiled_step_ms_n{n}"], 2)
     return out
@@ -89,11 +79,8 @@ def step_times(janus: Janus, steps: int, device: torch.device) -> dict:
 def low_memory_image(janus: Janus, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    t = time.perf_counter()
-    result = janus.generate_images(PROMPT, n=1, seed=0)
-    sync(device)
-    out = {"seconds": round(time.perf_counter() - t, 1), "image": list(result.images[0].size)}
+    seconds, result = _timeit(lambda: janus.generate_images(PROMPT, n=1, seed=0), device)
+    out = {"seconds": round(seconds, 1), "image": list(result.images[0].size)}
     if device.type == "cuda":
         out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return out
