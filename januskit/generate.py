@@ -44,7 +44,11 @@ def _static_step(model: JanusModel, embeds: torch.Tensor, positions: torch.Tenso
     prompt tokens and every generated position) -> logits (B, V) of the `head` ("image" or "text")."""
     written = torch.arange(cache.max_len, device=valid.device) <= cache.slot  # (max_len,): up to this step's slot
     mask = (valid & written)[:, None, None, :]  # (B, 1, 1, max_len)
-    hidden = model.decoder(embeds, positions=positions, cache=cache, mask=mask)[:, -1]
+    return _head(model, model.decoder(embeds, positions=positions, cache=cache, mask=mask)[:, -1], head)
+
+
+def _head(model: JanusModel, hidden: torch.Tensor, head: str) -> torch.Tensor:
+    """Next-token logits (B, V) from hidden states (B, D): the image head ("image") or the text head ("text")."""
     return model.gen_head(hidden) if head == "image" else model.language_model.lm_head(hidden)
 
 
@@ -82,6 +86,25 @@ def compile_unavailable(device: torch.device) -> str | None:
     else:
         return f"compiled steps are for cpu and cuda, not {device.type}"
     return None
+
+
+def _make_static(cache: KVCache, masks: "_Masks", device: torch.device) -> tuple:
+    """Switch a prefilled cache to compiled decoding: returns the compiled step and the (B, max_len) mask it reads."""
+    cache.make_static()
+    return _compiled_step(device), masks.static_valid(cache.max_len)
+
+
+def _next_logits(model: JanusModel, embeds: torch.Tensor, masks: "_Masks", cache: KVCache, head: str,
+                 static: tuple | None) -> torch.Tensor:
+    """Logits (B, V) of `head` after one new token a row (embeds (B, 1, D)): the compiled step over the static cache
+    when `static` (from `_make_static`) is given, else the eager decoder over the growing cache."""
+    if static is not None:
+        step, valid = static
+        logits = step(model, embeds, masks.next_pos, valid, cache, head)
+        masks.next_pos = masks.next_pos + 1
+        return logits
+    mask, pos = masks.step(cache.length)
+    return _head(model, model.decoder(embeds, positions=pos, cache=cache, mask=mask)[:, -1], head)
 
 
 def _cache_len(length: int, compiled: bool) -> int:
@@ -159,11 +182,9 @@ def generate_image_tokens(
         cache.reorder(rows)
         hidden = hidden[rows]
         masks.full, masks.next_pos = masks.full[rows], masks.next_pos[rows]
-    if compiled:
-        cache.make_static()
-        step, valid = _compiled_step(device), masks.static_valid(cache.max_len)
+    static = _make_static(cache, masks, device) if compiled else None
     out = torch.empty((P * n, num_tokens), dtype=torch.long, device=device)
-    logits = model.gen_head(hidden[:, -1])  # (2R, V)
+    logits = _head(model, hidden[:, -1], "image")  # (2R, V)
     for i in range(num_tokens):
         tok = sample(cfg_merge(logits, cfg_weight, cfg_cutoff), temperature, top_k, top_p, generator)  # (R,)
         out[:, i] = tok
@@ -172,12 +193,7 @@ def generate_image_tokens(
         if i + 1 == num_tokens:
             break
         embeds = model.embed_image_codes(torch.cat([tok, tok]))[:, None]  # (2R, 1, D)
-        if compiled:
-            logits = step(model, embeds, masks.next_pos, valid, cache, "image")
-            masks.next_pos = masks.next_pos + 1
-        else:
-            mask, pos = masks.step(cache.length)
-            logits = model.gen_head(model.decoder(embeds, positions=pos, cache=cache, mask=mask)[:, -1])
+        logits = _next_logits(model, embeds, masks, cache, "image", static)
     return out
 
 
@@ -206,11 +222,9 @@ def generate_text(
     cache = KVCache(model.config.llm, B, _cache_len(T + max_new_tokens, compiled), device=device, dtype=embeds.dtype)
     hidden = model.decoder(embeds, positions=masks.prompt_positions, cache=cache, mask=masks.prompt_mask(),
                            last_only=True)
-    if compiled:
-        cache.make_static()
-        step, valid = _compiled_step(device), masks.static_valid(cache.max_len)
+    static = _make_static(cache, masks, device) if compiled else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model.language_model.lm_head(hidden[:, -1])  # (B, V)
+    logits = _head(model, hidden[:, -1], "text")  # (B, V)
     for i in range(max_new_tokens):
         tok = sample(logits, temperature, top_k, top_p, generator)
         tok = torch.where(finished, torch.full_like(tok, eos_id), tok)
@@ -218,11 +232,4 @@ def generate_text(
         yield tok, finished
         if bool(finished.all()) or i + 1 == max_new_tokens:
             return
-        step_embeds = model.decoder.embed_tokens(tok)[:, None]  # (B, 1, D)
-        if compiled:
-            logits = step(model, step_embeds, masks.next_pos, valid, cache, "text")
-            masks.next_pos = masks.next_pos + 1
-        else:
-            mask, pos = masks.step(cache.length)
-            logits = model.language_model.lm_head(
-                model.decoder(step_embeds, positions=pos, cache=cache, mask=mask)[:, -1])
+        logits = _next_logits(model, model.decoder.embed_tokens(tok)[:, None], masks, cache, "text", static)
