@@ -28,10 +28,39 @@ def test_chain_exports_a_loadable_model(chain_dir):
     out = janus.generate_images("a red circle", n=2, seed=0)
     assert len(out.images) == 2 and out.images[0].size == (64, 64)
     assert janus.chat("How many shapes are there?", images=[out.images[0]], max_new_tokens=3).token_ids
-    for stage in ("stage1", "stage2", "stage3"):
+    for stage in ("stage1", "stage2", "stage3", "describe"):
         assert (chain_dir / stage / "final" / "model.safetensors").exists()
     timings = json.loads((chain_dir / "timings.json").read_text())
-    assert set(timings) >= {"data", "tokenizer", "vq", "siglip", "llm", "stage1", "stage2", "stage3"}
+    assert set(timings) >= {"data", "tokenizer", "vq", "siglip", "llm", "stage1", "stage2", "stage3", "describe"}
+
+
+def test_describe_stage_follows_stage_three_and_makes_the_model(chain_dir, tmp_path):
+    """The last stage: stage III's mixture with the caption and list chats beside the other chats, from stage III's
+    weights; its weights are the exported model's. A world written before describe_chat.jsonl existed gets it."""
+    from safetensors.torch import load_file
+
+    recipe = json.loads((chain_dir / "describe" / "recipe.json").read_text())
+    assert recipe["model"]["checkpoint"] == str(chain_dir / "stage3" / "final")
+    assert recipe["train"]["steps"] == FAST.describe_steps and recipe["train"]["max_len"] == 256
+    sources = {s["name"]: s for s in recipe["data"]["sources"]}
+    assert list(sources) == ["chat", "describe_chat", "text", "text_to_image", "chat_image"]
+    assert sources["chat"]["weight"] == 3 * sources["describe_chat"].get("weight", 1.0)
+    assert all(Path(s["path"]).parent == chain_dir / "data" for s in sources.values())
+    model, describe = (load_file(str(chain_dir / d / "model.safetensors")) for d in ("model", "describe/final"))
+    assert model.keys() == describe.keys() and all(torch.equal(model[k], describe[k]) for k in model)
+
+    import shutil
+
+    chats = chain_dir / "data" / "describe_chat.jsonl"
+    before = chats.read_bytes()
+    chats.unlink()
+    shutil.rmtree(chain_dir / "describe")
+    shutil.rmtree(chain_dir / "model")
+    stage3_steps = (chain_dir / "stage3" / "metrics.jsonl").read_text().count('"step"')
+    run_chain(chain_dir, fast=True)
+    assert chats.read_bytes() == before
+    assert (chain_dir / "describe" / "final" / "model.safetensors").exists()
+    assert (chain_dir / "stage3" / "metrics.jsonl").read_text().count('"step"') == stage3_steps  # not retrained
 
 
 def test_sincos_table_is_distinct_per_cell_and_unit_scale():

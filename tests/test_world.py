@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import ImageFilter
 
-from januskit.data.world import CATEGORIES, HELD_OUT, LIST_QUESTION, build_dataset, caption, cell_of, final_answer, \
-    questions, random_scene, relation_questions, random_spec, scan_answer, scan_questions, scene_for_spec, spec_text, \
-    where_questions
+from januskit.data.world import CAPTION_QUESTION, CATEGORIES, HELD_OUT, LIST_QUESTION, Scene, build_dataset, caption, \
+    cell_of, final_answer, questions, random_scene, relation_questions, random_spec, scan_answer, scan_questions, \
+    scene_for_spec, spec_text, where_questions, write_describe_chats
 from januskit.eval.shapescore import answer, check_prompt, detect
 
 
@@ -348,3 +348,26 @@ def test_scan_answers_read_the_scene_in_order_and_end_in_the_true_verdict(tmp_pa
     scenes = [r["scene"] for r in _read(tmp_path / "plain" / "chat.jsonl")]
     assert sum(kinds) == sum(len(s["objects"]) >= 2 for s in scenes)
     assert 0 < kinds.count(False) and all(len(c["messages"]) == 2 for c in chats)
+
+
+def test_describe_chats_ask_every_training_scene_for_its_caption_and_its_list(tmp_path):
+    """describe_chat.jsonl: for each scene of caption.jsonl, one single-turn chat answered with its caption and one
+    answered with its scan (the list of its shapes in reading order), in an order that depends on the seed only;
+    rewriting it from caption.jsonl (as the chain does for a world made before it existed) gives the same file."""
+    summary = build_dataset(tmp_path / "w", 30, 4, n_eval=12)
+    captions = _read(tmp_path / "w" / "caption.jsonl")
+    chats = _read(tmp_path / "w" / "describe_chat.jsonl")
+    assert summary["describe_chat"] == len(chats) == 2 * len(captions)
+    wanted = sorted((c["image"], q, a) for c in captions for q, a in (
+        (CAPTION_QUESTION, c["text"]), (LIST_QUESTION, scan_answer(Scene.from_dict(c["scene"])))))
+    said = []
+    for r in chats:
+        user, reply = r["messages"]
+        assert r["kind"] == "chat" and user["role"] == "user" and reply["role"] == "assistant"
+        assert user["content"].startswith("<image_placeholder>\n") and len(user["images"]) == 1
+        said.append((user["images"][0], user["content"].split("\n", 1)[1], reply["content"]))
+    assert sorted(said) == wanted
+    assert [s[0] for s in said] != sorted(s[0] for s in said)  # shuffled, not scene by scene
+    before = (tmp_path / "w" / "describe_chat.jsonl").read_bytes()
+    assert write_describe_chats(tmp_path / "w", 4) == len(chats)
+    assert (tmp_path / "w" / "describe_chat.jsonl").read_bytes() == before

@@ -409,7 +409,8 @@ class _Writer:
 def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT, n_eval: int = 300,
                   relation_pairs: bool = False, position_reasons: bool = False, where_turns: bool = False,
                   caption_turns: bool = False, where_chats: bool = False, position_scan: bool = False) -> dict:
-    """Write every training manifest (about n records per kind) and the held-out evaluation sets.
+    """Write every training manifest (about n records per kind), describe_chat.jsonl (`write_describe_chats`) and the
+    held-out evaluation sets.
 
     `caption_turns`: a quarter of the SFT chats about a scene also ask "Describe the image in detail." (without
     it, SFT erases the captioning that stage II taught). `where_turns`: the other chats about a scene (all of them
@@ -540,6 +541,7 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
         rec["text"].append({"kind": "text", "text": text_document(rng, held_out)})
     for kind, rows in rec.items():
         _write_jsonl(out / f"{kind}.jsonl", rows)
+    n_describe = write_describe_chats(out, seed)
 
     for g in geneval:
         g["in_training"] = g["prompt"] in train_prompts
@@ -556,9 +558,29 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
     _write_jsonl(out / "eval_geneval.jsonl", geneval)
     _write_jsonl(out / "eval_vqa.jsonl", vqa)
     summary = {"seed": seed, "size": size, "held_out": [list(h) for h in held_out], "images": w.n,
-               **{k: len(v) for k, v in rec.items()}, "eval_geneval": len(geneval), "eval_vqa": len(vqa)}
+               **{k: len(v) for k, v in rec.items()}, "describe_chat": n_describe, "eval_geneval": len(geneval), "eval_vqa": len(vqa)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def write_describe_chats(data_dir, seed: int) -> int:
+    """Write DATA/describe_chat.jsonl, the data of the chain's describe stage, from DATA/caption.jsonl: for every
+    training scene one single-turn chat that asks for its detailed caption (`CAPTION_QUESTION`, answered with the
+    caption stage II learnt) and one that asks for the list of its shapes (`LIST_QUESTION`, answered with
+    `scan_answer`), in a random order of their own stream. SFT chats about counts, colours and places erase both
+    skills; these bring them back. Returns the number of chats."""
+    data_dir = Path(data_dir)
+    rows = []
+    for line in open(data_dir / "caption.jsonl"):
+        r = json.loads(line)
+        scene = Scene.from_dict(r["scene"])
+        for question, answer in ((CAPTION_QUESTION, r["text"]), (LIST_QUESTION, scan_answer(scene))):
+            rows.append({"kind": "chat", "messages": [
+                {"role": "user", "content": f"<image_placeholder>\n{question}", "images": [r["image"]]},
+                {"role": "assistant", "content": answer}], "scene": r["scene"]})
+    random.Random(seed * 7_919 + 41).shuffle(rows)
+    _write_jsonl(data_dir / "describe_chat.jsonl", rows)
+    return len(rows)
 
 
 def _chat_record(img: str, qs: list[dict], rng: random.Random, scene: dict) -> dict:

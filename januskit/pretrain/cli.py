@@ -7,7 +7,7 @@ import logging
 
 def add_cli(sub) -> None:
     p = sub.add_parser("build-default", help="train the bundled model from nothing (data, tokenizer, VQ, SigLIP, "
-                                             "LLM, stages I-III); resumes an interrupted run")
+                                             "LLM, stages I-III, the describe stage); resumes an interrupted run")
     p.add_argument("--out", required=True, help="working directory; the model ends up in OUT/model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a seconds-long toy version of every step (smoke test)")
