@@ -34,9 +34,11 @@ def test_chain_exports_a_loadable_model(chain_dir):
     assert set(timings) >= {"data", "tokenizer", "vq", "siglip", "llm", "stage1", "stage2", "stage3", "describe"}
 
 
-def test_describe_stage_follows_stage_three_and_makes_the_model(chain_dir, tmp_path):
+def test_describe_stage_follows_stage_three_and_makes_the_model(chain_dir):
     """The last stage: stage III's mixture with the caption and list chats beside the other chats, from stage III's
     weights; its weights are the exported model's. A world written before describe_chat.jsonl existed gets it."""
+    import shutil
+
     from safetensors.torch import load_file
 
     recipe = json.loads((chain_dir / "describe" / "recipe.json").read_text())
@@ -48,8 +50,6 @@ def test_describe_stage_follows_stage_three_and_makes_the_model(chain_dir, tmp_p
     assert all(Path(s["path"]).parent == chain_dir / "data" for s in sources.values())
     model, describe = (load_file(str(chain_dir / d / "model.safetensors")) for d in ("model", "describe/final"))
     assert model.keys() == describe.keys() and all(torch.equal(model[k], describe[k]) for k in model)
-
-    import shutil
 
     chats = chain_dir / "data" / "describe_chat.jsonl"
     before = chats.read_bytes()

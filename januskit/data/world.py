@@ -558,7 +558,8 @@ def build_dataset(out_dir, n: int, seed: int, size: int = 64, held_out=HELD_OUT,
     _write_jsonl(out / "eval_geneval.jsonl", geneval)
     _write_jsonl(out / "eval_vqa.jsonl", vqa)
     summary = {"seed": seed, "size": size, "held_out": [list(h) for h in held_out], "images": w.n,
-               **{k: len(v) for k, v in rec.items()}, "describe_chat": n_describe, "eval_geneval": len(geneval), "eval_vqa": len(vqa)}
+               **{k: len(v) for k, v in rec.items()}, "describe_chat": n_describe, "eval_geneval": len(geneval),
+               "eval_vqa": len(vqa)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -61,7 +61,7 @@ class ChainSize:
 # The scan stage: 4000 steps (fine-tunes of the model shipped before it: 3000 had not brought the yes or no, 4000 did).
 # Stage III after it: 2500 steps (chain 81 minutes against 102) left understanding 0.94 with the held-out pair's scenes
 # counted in (against 0.96) and generation 0.91 (0.92), position lower in both; 4200 and the describe stage's 800 after
-# them (the same steps as 5000 alone, 2026-12-08) gave understanding 0.966, generation 0.92 and captions.
+# them (the same steps as 5000 alone, 2026-12-08) gave understanding 0.979, generation 0.92 and captions.
 FULL = ChainSize(scenes=30000, vq_steps=3000, siglip_steps=300, llm_steps=200, stage_steps=(300, 2500, 5000),
                  global_batch=32, vq_ae_warmup=0.75, where_steps=1500, scan_steps=4000, scan_stage3_steps=4200,
                  describe_steps=800)
