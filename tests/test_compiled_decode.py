@@ -100,12 +100,24 @@ def test_static_cache_refuses_reorder(tiny_model):
 def test_bf16_on_the_kernels_cpu_compiles_torch_ops_and_draws_the_same():
     # In bf16 on a CPU with AVX-512 BF16 the eager steps run januskit's C++ kernels, which torch.compile cannot
     # trace (fullgraph would fail); inside a compiled step they step aside for torch's own ops.
+    # The two compute bf16 products in other orders, so a near-tie between two cells can go either way ("a green
+    # triangle" says nothing of where: the bundled model of 2026-12-08 puts it one cell apart in the two): both must
+    # draw what was asked, and the codes agree almost everywhere.
+    from januskit.data.world import spec_text
+    from januskit.eval.shapescore import check_prompt, detect
+
     janus = Janus.from_pretrained(dtype=torch.bfloat16)  # the bundled model
-    prompts = ["a red circle above a blue square", "a green triangle"]
+    specs = [{"objects": [{"shape": "circle", "color": "red", "count": 1}, {"shape": "square", "color": "blue",
+                                                                         "count": 1}],
+              "relation": {"a": 0, "rel": "above", "b": 1}},
+             {"objects": [{"shape": "triangle", "color": "green", "count": 1}]}]
+    prompts = [spec_text(s) for s in specs]
     eager = janus.generate_images(prompts, temperature=0)
     janus.compile = True
     compiled = janus.generate_images(prompts, temperature=0)
-    assert torch.equal(compiled.tokens, eager.tokens)
+    for out in (eager, compiled):
+        assert all(check_prompt(s, detect(img)) for s, img in zip(specs, out.images)), prompts
+    assert compiled.tokens.eq(eager.tokens).float().mean() >= 0.9
 
 
 def test_without_a_compiler_it_says_so_and_decodes_eagerly(official_tiny_dir, reference, monkeypatch, caplog):
