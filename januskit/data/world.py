@@ -571,14 +571,12 @@ def write_describe_chats(data_dir, seed: int) -> int:
     `scan_answer`), in a random order of their own stream. SFT chats about counts, colours and places erase both
     skills; these bring them back. Returns the number of chats."""
     data_dir = Path(data_dir)
-    rows = []
+    rows, one_order = [], random.Random(0)  # a one-question chat has one order: `one_order` draws nothing that matters
     for line in open(data_dir / "caption.jsonl"):
         r = json.loads(line)
-        scene = Scene.from_dict(r["scene"])
-        for question, answer in ((CAPTION_QUESTION, r["text"]), (LIST_QUESTION, scan_answer(scene))):
-            rows.append({"kind": "chat", "messages": [
-                {"role": "user", "content": f"<image_placeholder>\n{question}", "images": [r["image"]]},
-                {"role": "assistant", "content": answer}], "scene": r["scene"]})
+        answers = {CAPTION_QUESTION: r["text"], LIST_QUESTION: scan_answer(Scene.from_dict(r["scene"]))}
+        rows += [_chat_record(r["image"], [{"question": q, "answer": a}], one_order, r["scene"])
+                 for q, a in answers.items()]
     random.Random(seed * 7_919 + 41).shuffle(rows)
     _write_jsonl(data_dir / "describe_chat.jsonl", rows)
     return len(rows)
